@@ -1,0 +1,49 @@
+# p2v: `make demo` and `make test` work on a fresh Debian machine as root.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := $(shell grep -v '^\s*\#' .ci/apt-packages.txt | xargs)
+PYTEST_ARGS ?=
+
+.PHONY: deps system-deps python-deps test lint demo bench fuzz clean
+
+deps: system-deps python-deps
+
+# Install only what is missing; `apt-get update` once, before the first install.
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+python-deps: $(BIN)/.installed
+
+lint: python-deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy formats live_migrate
+
+test: deps lint
+	$(BIN)/pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+
+demo: deps
+	$(BIN)/python samples/demo.py
+
+bench: deps
+	$(BIN)/python tests/bench/run_all.py
+
+fuzz: deps
+	P2V_FUZZ_SECONDS=600 $(BIN)/pytest -q tests/fuzz
+
+clean:
+	rm -rf $(VENV) samples/build demo-out .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,61 @@
+"""Positioned file I/O that every format shares: exact reads, full writes, hole punching."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+from .errors import CorruptImage
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def pread_exact(fd: int, n: int, offset: int, what: str = "file") -> bytes:
+    """Read exactly n bytes at offset or raise CorruptImage (the file is truncated)."""
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise CorruptImage(f"{what}: expected {n:#x} bytes at {offset:#x}, but the file ends early")
+    return data
+
+
+def preadinto(fd: int, buf: memoryview, offset: int) -> int:
+    """Fill buf from offset; bytes past end of file are left as zeros. Returns bytes read."""
+    done = 0
+    n = len(buf)
+    while done < n:
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        if got == 0:
+            buf[done:] = bytes(n - done)
+            break
+        done += got
+    return done
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    mv = memoryview(data).cast("B")
+    while len(mv):
+        n = os.pwrite(fd, mv, offset)
+        mv = mv[n:]
+        offset += n
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a range (reads back as zeros). False when the filesystem cannot."""
+    if length <= 0:
+        return True
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def file_size(fd: int) -> int:
+    return os.lseek(fd, 0, os.SEEK_END)

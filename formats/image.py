@@ -1,0 +1,171 @@
+"""The `Image` contract shared by every format.
+
+Reads may come from several threads at once (the conversion engine reads and
+decompresses on a pool), so `_readinto` must be thread-safe: use `os.pread` and
+immutable or locked caches. Writes come from one thread.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import FormatError
+from .extents import Extent, Kind, coalesce
+
+ZERO_CHUNK = bytes(8 << 20)
+
+
+@dataclass
+class CheckResult:
+    """What `check` found, counted as `qemu-img check` counts it."""
+
+    corruptions: list[str] = field(default_factory=list)
+    leaks: list[str] = field(default_factory=list)
+    checked: bool = True  # False: this format has no metadata to check
+
+    @property
+    def exit_code(self) -> int:
+        if self.corruptions:
+            return 2
+        if self.leaks:
+            return 3
+        return 0
+
+
+class Image:
+    """A virtual disk: `size` bytes, readable anywhere, with an extent map."""
+
+    format: str = "?"
+    #: writers that accept only in-order writes (streamOptimized VMDK) set this
+    is_sequential: bool = False
+    #: the unit at which the writer tracks allocation; the engine detects zeros at this size
+    cluster_size: int = 65536
+
+    def __init__(self, path: str | None, size: int, *, writable: bool = False) -> None:
+        self.path = path
+        self.size = size
+        self.writable = writable
+        self.closed = False
+        self.backing: Image | None = None
+
+    # -- reading -------------------------------------------------------------
+    def read(self, offset: int, n: int) -> bytes:
+        buf = bytearray(n)
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> int:
+        mv = memoryview(buf).cast("B")
+        self._check_range(offset, len(mv))
+        if len(mv):
+            self._readinto(offset, mv)
+        return len(mv)
+
+    def _readinto(self, offset: int, buf: memoryview) -> None:
+        raise NotImplementedError
+
+    def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
+        """Coalesced DATA/ZERO extents covering [start, end) completely."""
+        end = self.size if end is None else end
+        self._check_range(start, end - start)
+        yield from coalesce(self._extents(start, end))
+
+    def _extents(self, start: int, end: int) -> Iterator[Extent]:
+        yield Extent(start, end - start, Kind.DATA)
+
+    # -- writing -------------------------------------------------------------
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_writable()
+        mv = memoryview(data).cast("B")
+        self._check_range(offset, len(mv))
+        if len(mv):
+            self._write(offset, mv)
+
+    def write_zeroes(self, offset: int, n: int) -> None:
+        self._check_writable()
+        self._check_range(offset, n)
+        if n:
+            self._write_zeroes(offset, n)
+
+    def _write(self, offset: int, data: memoryview) -> None:
+        raise FormatError(f"{self.format}: writing is not supported")
+
+    def _write_zeroes(self, offset: int, n: int) -> None:
+        pos = offset
+        while pos < offset + n:
+            step = min(len(ZERO_CHUNK), offset + n - pos)
+            self._write(pos, memoryview(ZERO_CHUNK)[:step])
+            pos += step
+
+    def encode(self, offset: int, data: bytes) -> Any:
+        """CPU-only preparation of a chunk (compression), safe to run on a thread pool."""
+        return data
+
+    def write_encoded(self, offset: int, encoded: Any) -> None:
+        """Store what `encode` returned for the chunk at `offset`."""
+        self.write(offset, encoded)
+
+    # -- metadata ------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """Format specifics for `p2v info` (qemu-img's `format-specific` data)."""
+        return {}
+
+    def check(self) -> CheckResult:
+        return CheckResult(checked=False)
+
+    def actual_size(self) -> int:
+        total = 0
+        for p in self.files():
+            try:
+                total += os.stat(p).st_blocks * 512
+            except OSError:
+                pass
+        return total
+
+    def files(self) -> list[str]:
+        """Every file this image consists of (descriptor first)."""
+        return [self.path] if self.path else []
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if self.writable:
+                self.flush()
+        finally:
+            self.closed = True
+            self._close()
+            if self.backing is not None:
+                self.backing.close()
+
+    def _close(self) -> None:
+        pass
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self.writable:
+            # a failed write must not pretend to be a finished image: skip flush
+            self.writable = False
+        self.close()
+
+    # -- guards --------------------------------------------------------------
+    def _check_range(self, offset: int, n: int) -> None:
+        if offset < 0 or n < 0 or offset + n > self.size:
+            raise FormatError(
+                f"{self.format}: access at {offset:#x} (+{n:#x}) is outside the "
+                f"virtual size {self.size:#x}"
+            )
+
+    def _check_writable(self) -> None:
+        if self.closed:
+            raise FormatError(f"{self.format}: image is closed")
+        if not self.writable:
+            raise FormatError(f"{self.format}: image is opened read-only")

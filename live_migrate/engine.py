@@ -1,0 +1,752 @@
+"""The pre-copy engine: rounds of dirty pages while the guest runs, then switch-over.
+
+    setup      handshake on every channel; the dirty log starts (or, in scan mode, the
+               copy of what was sent is allocated: all zero, like the destination)
+    iterating  round 0 sends every page; each later round sends the pages dirtied during
+               the previous one. After each round the engine measures the dirty rate and
+               the bandwidth and predicts the downtime: remaining bytes / bandwidth (plus,
+               in scan mode, the time of a full scan, because the last one runs paused)
+    stopping   when the prediction is under `max_downtime`: pause the source, collect the
+               last dirty pages, send them and the device state, then END with the digest
+               of every page's fingerprint; the destination checks it and ACKs; GO; the
+               destination resumes and says RESUMED. Downtime = pause -> RESUMED received.
+
+Until the ACK, any failure (the destination died, a corrupt stream, the time limit, a
+cancel) resumes the source and tells the destination to discard what it has. After the
+ACK the source never runs again: if the GO or the RESUMED is lost the guest is left
+paused here, so that it never runs on both hosts; the report says so.
+
+Auto-converge follows QEMU's cpu-throttle: when the pages dirtied during a round exceed
+half of the bytes sent in it, twice in a row, the throttle goes up (20 %, then +10 % each
+time, up to 99 %). Without it, a guest that does not converge within `max_rounds` or
+`max_time` is left running and the migration fails.
+
+Batches are encoded on a thread pool (numpy and the compressors release the GIL) and
+sent by one thread per channel; a round ends on every channel with ROUND_END, so that the
+receiver applies the rounds in order whatever channel carried a page.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import crc32c
+import numpy as np
+
+from live_migrate import pages as pg
+from live_migrate import wire
+from live_migrate.channel import Channel
+from live_migrate.compression import compress
+from live_migrate.errors import (
+    CancelledError,
+    ConvergenceError,
+    GuestError,
+    MigrationError,
+    ProtocolError,
+    RefusedError,
+    TimeLimitError,
+    TransportError,
+)
+from live_migrate.guest import DirtyTracking, SourceGuest
+from live_migrate.report import MigrationReport, PageCounts, Progress, RoundReport
+from live_migrate.states import MigrationState, StateMachine
+from live_migrate.transport import LimitedStream, RateLimiter, Stream, round_trip_time
+from live_migrate.wire import Encoding, Feature, FrameType, PageKind
+
+#: beyond this many runs of full pages in a batch, one gathered copy beats many iovecs
+MAX_RUNS = 256
+COMPRESSIONS = {"zstd": Encoding.ZSTD, "lz4": Encoding.LZ4}
+_FEATURE_OF = {Encoding.ZSTD: Feature.ZSTD, Encoding.LZ4: Feature.LZ4}
+
+
+@dataclass
+class MigrationOptions:
+    """The knobs, with QEMU's defaults where QEMU has the same knob (INTEROP.md)."""
+
+    max_downtime: float = 0.300  # seconds; QEMU's downtime-limit
+    max_bandwidth: float | None = None  # bytes/s for all channels together; None: no cap
+    max_rounds: int = 30  # Clark et al. stop after about 30 rounds
+    max_time: float = 600.0  # seconds before switch-over, then abort
+    auto_converge: bool = False
+    throttle_initial: float = 0.20
+    throttle_increment: float = 0.10
+    throttle_max: float = 0.99
+    zero_pages: bool = True  # zero pages travel as a flag
+    compress: str | None = None  # "zstd" or "lz4"
+    delta: bool = False  # resent pages as word deltas against the last sent copy
+    batch_pages: int = 1024  # 4 MiB of 4 KiB pages per batch
+    workers: int = 0  # encoder threads; 0: one per core
+    reply_timeout: float = 30.0  # for WELCOME, ACK and RESUMED
+
+    def __post_init__(self) -> None:
+        if self.compress not in (None, *COMPRESSIONS):
+            raise ValueError(f"compression {self.compress!r}: expected zstd, lz4 or none")
+        if self.max_downtime <= 0:
+            raise ValueError("max_downtime must be positive")
+        if not 1 <= self.batch_pages <= wire.MAX_BATCH_PAGES:
+            raise ValueError(f"batch_pages must be within 1..{wire.MAX_BATCH_PAGES}")
+
+
+@dataclass
+class _Encoded:
+    parts: list[bytes | memoryview]
+    pages: int
+    counts: PageCounts
+
+
+@dataclass
+class _RoundEnd:
+    round: int
+
+
+@dataclass
+class _SendStats:
+    pages: int = 0
+    wire_bytes: int = 0
+    send_time: float = 0.0
+    counts: PageCounts = field(default_factory=PageCounts)
+
+
+class Migration:
+    """One migration of `guest` over `streams` (channel 0 first). `run()` once; `cancel()`
+    from any thread. The report is returned whatever happens; only programming errors
+    raise out of `run()`."""
+
+    def __init__(
+        self,
+        guest: SourceGuest,
+        streams: Sequence[Stream],
+        options: MigrationOptions | None = None,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        if not streams or len(streams) > wire.MAX_CHANNELS:
+            raise ValueError(f"a migration needs 1..{wire.MAX_CHANNELS} channels")
+        self.guest = guest
+        self.options = options or MigrationOptions()
+        self.progress = progress
+        self._sm = StateMachine()
+        limiter = RateLimiter(self.options.max_bandwidth) if self.options.max_bandwidth else None
+        self.channels = [
+            Channel(LimitedStream(s, limiter) if limiter else s, i) for i, s in enumerate(streams)
+        ]
+        g = guest.geometry
+        self.page_size = g.page_size
+        self.page_count = g.page_count
+        self.tracking = guest.dirty_tracking
+        self._cancel = threading.Event()
+        self._failure: BaseException | None = None
+        self._failure_lock = threading.Lock()
+        self._replies: queue.Queue = queue.Queue()
+        self._closing = False
+        self._committed = False
+        self._threads: list[threading.Thread] = []
+        self._queues: list[queue.Queue] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._encoding = Encoding.RAW
+        self._zero_pages = self.options.zero_pages
+        self._delta = self.options.delta
+        # results
+        self._rounds: list[RoundReport] = []
+        self._counts = PageCounts()
+        self._bytes_sent = 0
+        self._setup_time = 0.0
+        self._downtime: float | None = None
+        self._paused_at: float | None = None
+        self._expected: float | None = None
+        self._throttle = 0.0
+        self._max_throttle = 0.0
+        self._device_state_bytes = 0
+        self._error: str | None = None
+        self._source_running = True
+        self._resumed = False
+        self._features: list[str] = []
+        self._bandwidth = 0.0
+        self._wire_ratio = 1.0
+        self._latency = 0.0
+
+    @property
+    def state(self) -> MigrationState:
+        return self._sm.state
+
+    @property
+    def states(self) -> list[MigrationState]:
+        return self._sm.sequence
+
+    def cancel(self) -> None:
+        """Stop the migration and leave the guest running here (ignored once the
+        destination acknowledged: then the switch-over completes)."""
+        self._cancel.set()
+
+    # -- the run ----------------------------------------------------------------------
+
+    def run(self) -> MigrationReport:
+        self._sm.require(MigrationState.SETUP)
+        t0 = time.monotonic()
+        try:
+            self._setup()
+            self._setup_time = time.monotonic() - t0
+            self._sm.enter(MigrationState.ITERATING)
+            last_dirty = self._iterate(t0)
+            self._sm.enter(MigrationState.STOPPING)
+            self._switch_over(last_dirty)
+            self._sm.enter(MigrationState.COMPLETED)
+        except (Exception, KeyboardInterrupt) as exc:
+            self._abandon(exc)
+        finally:
+            self._shut_down()
+        return self._report(time.monotonic() - t0)
+
+    def _setup(self) -> None:
+        opts = self.options
+        requested = Feature(0)
+        if self._zero_pages:
+            requested |= Feature.ZERO_PAGES
+        if opts.compress:
+            requested |= _FEATURE_OF[COMPRESSIONS[opts.compress]]
+        if self._delta:
+            requested |= Feature.DELTA
+        ch0 = self.channels[0]
+        hello = wire.build_hello(self.page_size, self.page_count, requested, len(self.channels))
+        session = wire.Hello.parse(hello).session
+        reader = threading.Thread(target=self._reader, name="p2v-replies", daemon=True)
+        self._threads.append(reader)
+        reader.start()
+        t = time.monotonic()
+        ch0.send(FrameType.HELLO, [hello])
+        ftype, body = self._reply()
+        if ftype is not FrameType.WELCOME:
+            raise ProtocolError(f"{ftype.name} frame, expected WELCOME")
+        # the WELCOME waited for the target's creation: the kernel knows the real RTT
+        rtts = [round_trip_time(ch.stream) for ch in self.channels]
+        known = [r for r in rtts if r is not None]
+        self._latency = max(known) if known else min(time.monotonic() - t, 0.05)
+        welcome = wire.parse_body(wire.Welcome, body, "WELCOME")
+        if not welcome.accepted:
+            raise RefusedError(f"the destination refused the migration: {welcome.reason}")
+        accepted = Feature(welcome.features) & requested
+        self._zero_pages = bool(accepted & Feature.ZERO_PAGES)
+        self._delta = bool(accepted & Feature.DELTA)
+        if opts.compress and accepted & _FEATURE_OF[COMPRESSIONS[opts.compress]]:
+            self._encoding = COMPRESSIONS[opts.compress]
+        self._features = [str(f.name).lower() for f in Feature if f & accepted]
+        for ch in self.channels[1:]:
+            ch.send(FrameType.JOIN, [wire.Join.build(dict(session=session, channel=ch.index))])
+
+        self.mem = pg.as_pages(self.guest.memory(), self.page_size)
+        if self.mem.shape[0] != self.page_count:
+            raise GuestError(
+                f"guest memory is {self.mem.nbytes} bytes, expected {self.page_count} pages"
+            )
+        self.weights = pg.fingerprint_weights(self.page_size)
+        self.fp = np.zeros(self.page_count, dtype=np.uint64)
+        # what the destination holds: needed to scan, and to send deltas against
+        self.sent: np.ndarray | None = None
+        if self.tracking is DirtyTracking.SCAN or self._delta:
+            self.sent = np.zeros_like(self.mem)  # calloc: pages materialise when sent
+        # a delta is worth it when it is at most half a page (masks included)
+        self.max_delta_words = (self.page_size // 2 - wire.delta_mask_bytes(self.page_size)) // 8
+        workers = self.options.workers or os.cpu_count() or 1
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="p2v-encode")
+        self._in_flight = 2 * workers + len(self.channels)
+        for ch in self.channels:
+            q: queue.Queue = queue.Queue(maxsize=4)
+            th = threading.Thread(
+                target=self._sender, args=(ch, q), name=f"p2v-send-{ch.index}", daemon=True
+            )
+            self._queues.append(q)
+            self._threads.append(th)
+            th.start()
+        if self.tracking is DirtyTracking.LOG:
+            self.guest.start_dirty_log()
+
+    def _iterate(self, t0: float) -> np.ndarray:
+        """Pre-copy rounds; returns the dirty pages left when the prediction fits."""
+        opts = self.options
+        ps = self.page_size
+        dirty = np.arange(self.page_count, dtype=np.int64)
+        last_collect = time.monotonic()
+        high_rounds = 0
+        round_no = 0
+        while True:
+            self._check()
+            throttle = self._throttle
+            stats = self._send_round(round_no, dirty)
+            t_scan = time.monotonic()
+            dirty = self._collect()
+            now = time.monotonic()
+            scan_time = now - t_scan
+            period = max(now - last_collect, 1e-6)
+            last_collect = now
+            dirty_bytes = len(dirty) * ps
+            dirty_rate = dirty_bytes / period
+            self._learn(stats)
+            expected = self._predict(len(dirty), scan_time)
+            self._expected = expected
+            self._rounds.append(
+                RoundReport(
+                    round=round_no,
+                    pages_sent=stats.pages,
+                    bytes_sent=stats.wire_bytes,
+                    duration=period,
+                    bandwidth=stats.wire_bytes / stats.send_time if stats.send_time else 0.0,
+                    dirty_pages=len(dirty),
+                    dirty_rate=dirty_rate,
+                    scan_time=scan_time,
+                    expected_downtime=expected,
+                    throttle=throttle,
+                    pages=stats.counts,
+                )
+            )
+            self._notify(round_no, dirty_bytes, dirty_rate, expected)
+            if expected <= opts.max_downtime or not len(dirty):
+                # with nothing dirty, more rounds cannot shorten the pause: what is left
+                # (a final scan, two round trips) is the floor, reported as expected
+                return dirty
+            self._check()
+            elapsed = time.monotonic() - t0
+            if elapsed > opts.max_time:
+                raise TimeLimitError(
+                    f"no switch-over within the {opts.max_time:g} s limit: "
+                    f"{self._diagnosis(dirty_rate, expected)}"
+                )
+            if round_no + 1 >= opts.max_rounds:
+                raise ConvergenceError(
+                    f"no convergence in {opts.max_rounds} rounds: "
+                    f"{self._diagnosis(dirty_rate, expected)}"
+                )
+            if opts.auto_converge and self.guest.can_throttle:
+                # QEMU's trigger: dirtied more than half of what was sent, twice running
+                high_rounds = high_rounds + 1 if dirty_bytes > stats.wire_bytes / 2 else 0
+                if high_rounds >= 2:
+                    high_rounds = 0
+                    self._raise_throttle()
+            round_no += 1
+
+    def _switch_over(self, dirty: np.ndarray) -> None:
+        ch0 = self.channels[0]
+        t_pause = time.monotonic()
+        self._paused_at = time.time()
+        self.guest.pause()
+        self._source_running = False
+        t_scan = time.monotonic()
+        if self.tracking is DirtyTracking.LOG:
+            # what the last round left, and what was written since its collection
+            dirty = np.union1d(dirty, self._collect())
+            self.guest.stop_dirty_log()
+        else:
+            dirty = self._collect()  # compares with what was sent: finds both
+        scan_time = time.monotonic() - t_scan
+        final = len(self._rounds)
+        stats = self._send_round(final, dirty)
+        state = self.guest.save_device_state()
+        self._device_state_bytes = len(state)
+        ch0.send(
+            FrameType.DEVICE_STATE,
+            [wire.DeviceState.build(dict(crc=crc32c.crc32c(state), state=state))],
+        )
+        digest = pg.memory_digest(self.fp)
+        pages_sent = sum(r.pages_sent for r in self._rounds) + stats.pages
+        end = wire.End.build(
+            dict(
+                rounds=final + 1,
+                pages_sent=pages_sent,
+                memory_digest=digest,
+                device_state_length=len(state),
+            )
+        )
+        ch0.send(FrameType.END, [end])
+        ftype, body = self._reply()
+        if ftype is not FrameType.ACK:
+            raise ProtocolError(f"{ftype.name} frame, expected the destination's ACK")
+        if wire.parse_body(wire.Ack, body, "ACK").memory_digest != digest:
+            raise ProtocolError("the destination acknowledged a different memory digest")
+        # the destination holds everything: from here the source must never run again
+        self._committed = True
+        ch0.send(FrameType.GO)
+        ftype, body = self._reply()
+        if ftype is not FrameType.RESUMED:
+            raise ProtocolError(f"{ftype.name} frame, expected RESUMED")
+        wire.parse_body(wire.Resumed, body, "RESUMED")
+        self._downtime = time.monotonic() - t_pause
+        self._resumed = True
+        self.guest.finish()
+        self._bytes_sent = sum(ch.bytes_sent for ch in self.channels)
+        duration = time.monotonic() - t_pause
+        self._rounds.append(
+            RoundReport(
+                round=final,
+                pages_sent=stats.pages,
+                bytes_sent=stats.wire_bytes,
+                duration=duration,
+                bandwidth=stats.wire_bytes / stats.send_time if stats.send_time else 0.0,
+                dirty_pages=0,
+                dirty_rate=0.0,
+                scan_time=scan_time,
+                expected_downtime=self._expected or 0.0,
+                throttle=self._throttle,
+                pages=stats.counts,
+                final=True,
+            )
+        )
+
+    # -- failure ------------------------------------------------------------------------
+
+    def _abandon(self, exc: BaseException) -> None:
+        """Leave the guest running here (or, once committed, paused) and say why."""
+        cancelled = isinstance(exc, (CancelledError, KeyboardInterrupt))
+        if isinstance(exc, KeyboardInterrupt):
+            exc = CancelledError("interrupted")
+        self._error = _describe(exc)
+        if not self._committed:
+            with contextlib.suppress(Exception):
+                reason = wire.Abort.build(dict(reason=self._error[:4000]))
+                self.channels[0].send(FrameType.ABORT, [reason])
+            self._closing = True
+            for ch in self.channels:
+                ch.close()  # unblocks the senders before the guest is touched
+            try:
+                if self.tracking is DirtyTracking.LOG:
+                    self.guest.stop_dirty_log()
+                self.guest.set_throttle(0.0)
+                if self.guest.is_paused:
+                    self.guest.resume()
+                self._source_running = True
+            except Exception as guest_exc:  # the report must still come back
+                self._source_running = not self.guest.is_paused
+                self._error += f"; the source could not be resumed: {_describe(guest_exc)}"
+        else:
+            self._source_running = False
+            self._error += (
+                "; the destination had acknowledged all memory and device state, so the "
+                "guest was left paused on the source (never running on both hosts): "
+                "check whether it runs on the destination"
+            )
+        final = MigrationState.CANCELLED if cancelled else MigrationState.FAILED
+        self._sm.enter(final)
+        self._bytes_sent = sum(ch.bytes_sent for ch in self.channels)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._failure_lock:
+            if self._failure is None:
+                self._failure = exc
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._cancel.is_set() and not self._committed:
+            raise CancelledError("cancelled")
+
+    def _shut_down(self) -> None:
+        self._closing = True
+        for ch in self.channels:
+            ch.close()
+        for q in self._queues:
+            with contextlib.suppress(queue.Full):
+                q.put(None, timeout=1.0)
+        for th in self._threads:
+            th.join(timeout=5.0)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # -- threads ------------------------------------------------------------------------
+
+    def _sender(self, ch: Channel, q: queue.Queue) -> None:
+        while True:
+            item = q.get()
+            try:
+                if item is None:
+                    return
+                if self._failure is not None:
+                    continue  # drain: the main thread is unwinding
+                if isinstance(item, _RoundEnd):
+                    pages = self._channel_pages[ch.index]
+                    ch.send(
+                        FrameType.ROUND_END,
+                        [wire.RoundEnd.build(dict(round=item.round, pages=pages))],
+                    )
+                else:
+                    ch.send(FrameType.BATCH, item.parts)
+                    self._channel_pages[ch.index] += item.pages
+            except BaseException as exc:
+                if not self._closing:
+                    self._fail(exc)
+            finally:
+                q.task_done()
+
+    def _reader(self) -> None:
+        """Channel 0's replies (WELCOME, ACK, RESUMED) and the destination's ABORT at
+        any time: a destination that gives up mid-round stops the source at once."""
+        ch0 = self.channels[0]
+        try:
+            while True:
+                ftype, body = ch0.receive(may_idle=True)
+                if ftype is FrameType.ABORT:
+                    reason = wire.parse_body(wire.Abort, body, "ABORT").reason
+                    raise RefusedError(f"the destination aborted: {reason}")
+                if ftype not in (FrameType.WELCOME, FrameType.ACK, FrameType.RESUMED):
+                    raise ProtocolError(f"unexpected {ftype.name} frame from the destination")
+                self._replies.put((ftype, bytes(body)))
+        except BaseException as exc:
+            if not self._closing:
+                self._fail(exc)
+                self._replies.put(exc)
+
+    def _reply(self) -> tuple[FrameType, bytes]:
+        try:
+            item = self._replies.get(timeout=self.options.reply_timeout)
+        except queue.Empty:
+            raise TransportError(
+                f"no answer from the destination within {self.options.reply_timeout:g} s"
+            ) from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    # -- rounds -------------------------------------------------------------------------
+
+    def _send_round(self, round_no: int, dirty: np.ndarray) -> _SendStats:
+        """Encode and send the pages `dirty` (sorted page numbers), then ROUND_END on
+        every channel; returns when every byte is handed to the transports."""
+        stats = _SendStats()
+        self._channel_pages = [0] * len(self.channels)
+        before = sum(ch.bytes_sent for ch in self.channels)
+        t0 = time.monotonic()
+        assert self._executor is not None
+        step = self.options.batch_pages
+        pending: list[Future] = []
+        target = 0
+        for start in range(0, len(dirty), step):
+            self._check()
+            pending.append(
+                self._executor.submit(self._encode, round_no, dirty[start : start + step])
+            )
+            while len(pending) >= self._in_flight:
+                target = self._dispatch(pending.pop(0), stats, target)
+        for fut in pending:
+            target = self._dispatch(fut, stats, target)
+        for q in self._queues:
+            self._put(q, _RoundEnd(round_no))
+        for q in self._queues:
+            self._drain(q)
+        self._check()
+        stats.send_time = time.monotonic() - t0
+        stats.wire_bytes = sum(ch.bytes_sent for ch in self.channels) - before
+        self._counts.add(stats.counts)
+        return stats
+
+    def _dispatch(self, fut: Future, stats: _SendStats, target: int) -> int:
+        encoded: _Encoded = fut.result()
+        stats.pages += encoded.pages
+        stats.counts.add(encoded.counts)
+        self._put(self._queues[target], encoded)
+        return (target + 1) % len(self._queues)
+
+    def _put(self, q: queue.Queue, item: object) -> None:
+        while True:
+            self._check()
+            try:
+                q.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def _drain(self, q: queue.Queue) -> None:
+        with q.all_tasks_done:
+            while q.unfinished_tasks:
+                if self._failure is not None:
+                    break
+                q.all_tasks_done.wait(0.05)
+        self._check()
+
+    def _encode(self, round_no: int, idx: np.ndarray) -> _Encoded:
+        """One batch: snapshot, zero pages, deltas, fingerprints, compression.
+
+        The bytes sent and the copy kept as "last sent" must be the same bytes, so when a
+        copy is kept the batch is sent from it. Without one (dirty log, no deltas) full
+        pages go from guest memory to the socket with no copy: a page torn by a racing
+        write is dirty in the log and goes again next round.
+        """
+        mem, sent = self.mem, self.sent
+        first, last = int(idx[0]), int(idx[-1])
+        n = len(idx)
+        contiguous = last - first + 1 == n
+        use_delta = self._delta and round_no > 0 and sent is not None
+        kept = False  # snap is already the kept copy
+        if not contiguous:
+            snap = mem.take(idx, axis=0)
+        elif sent is None:
+            snap = mem[first : last + 1]
+        elif use_delta:
+            snap = mem[first : last + 1].copy()  # the old copy is needed for the deltas
+        else:
+            snap = sent[first : last + 1]
+            np.copyto(snap, mem[first : last + 1])
+            kept = True
+        kinds = np.full(n, PageKind.FULL, dtype=np.uint8)
+        if self._zero_pages:
+            kinds[pg.zero_pages(snap)] = PageKind.ZERO
+        fps = pg.fingerprints(snap, self.weights)
+        masks = values = np.empty(0, dtype=np.uint64)
+        delta_count = 0
+        if use_delta:
+            assert sent is not None
+            cand = np.flatnonzero(kinds == PageKind.FULL)
+            if len(cand):
+                old = sent[first + cand] if contiguous else sent[idx[cand]]
+                use, masks, values = pg.delta_encode(snap[cand], old, self.max_delta_words)
+                kinds[cand[use]] = PageKind.DELTA
+                delta_count = int(use.sum())
+        if sent is not None and not kept:
+            if contiguous:
+                sent[first : last + 1] = snap
+            else:
+                sent[idx] = snap
+        if contiguous:
+            self.fp[first : last + 1] = fps
+        else:
+            self.fp[idx] = fps
+        full_count = int(np.count_nonzero(kinds == PageKind.FULL))
+        data = _row_runs(snap, kinds == PageKind.FULL, full_count)
+        data += [a.data.cast("B") for a in (masks, values) if a.size]
+        encoding = Encoding.RAW
+        counts = PageCounts(zero=n - full_count - delta_count, full=full_count, delta=delta_count)
+        if self._encoding is not Encoding.RAW and data:
+            packed = compress(self._encoding, data[0] if len(data) == 1 else b"".join(data))
+            if packed is not None:
+                data = [memoryview(packed)]
+                encoding = self._encoding
+                counts.compressed, counts.full = full_count, 0
+        stored = sum(memoryview(d).nbytes for d in data)
+        prefix = wire.build_batch_prefix(
+            round_no, idx, kinds, full_count, delta_count, len(values), encoding, stored
+        )
+        return _Encoded(parts=[*prefix, *data], pages=n, counts=counts)
+
+    def _collect(self) -> np.ndarray:
+        if self.tracking is DirtyTracking.LOG:
+            mask = self.guest.collect_dirty_log()
+            if mask.shape != (self.page_count,):
+                raise GuestError(f"dirty log of {mask.shape} entries for {self.page_count} pages")
+        else:
+            assert self.sent is not None
+            mask = pg.changed_pages(self.mem, self.sent, self._executor)
+        return np.flatnonzero(mask)
+
+    # -- measurement and prediction ----------------------------------------------------
+
+    def _learn(self, stats: _SendStats) -> None:
+        """Bandwidth and bytes-per-page from the round just sent (QEMU uses the last
+        period too). Tiny rounds are mostly latency: they do not update the estimate."""
+        if stats.send_time > 0 and (stats.wire_bytes >= 4 << 20 or not self._bandwidth):
+            self._bandwidth = stats.wire_bytes / stats.send_time
+        data_pages = stats.counts.full + stats.counts.compressed + stats.counts.delta
+        if data_pages:
+            # dirty pages are written pages: expect them to cost what data pages cost
+            ratio = stats.wire_bytes / (data_pages * self.page_size)
+            self._wire_ratio = min(max(ratio, 0.01), 1.1)
+
+    def _predict(self, dirty_pages: int, scan_time: float) -> float:
+        bandwidth = max(self._bandwidth, 1.0)
+        remaining = dirty_pages * self.page_size * self._wire_ratio
+        # the final collection runs paused: a full scan in scan mode, a log flip otherwise;
+        # then END -> ACK -> GO -> RESUMED, two round trips
+        return remaining / bandwidth + scan_time + 2 * self._latency
+
+    def _diagnosis(self, dirty_rate: float, expected: float) -> str:
+        tip = "" if self.options.auto_converge else "; try --auto-converge"
+        return (
+            f"dirty rate {dirty_rate / 1e6:.1f} MB/s against {self._bandwidth / 1e6:.1f} MB/s "
+            f"of bandwidth, expected downtime {expected * 1000:.0f} ms > "
+            f"{self.options.max_downtime * 1000:.0f} ms{tip}"
+        )
+
+    def _raise_throttle(self) -> None:
+        opts = self.options
+        if self._throttle == 0:
+            new = opts.throttle_initial
+        else:
+            new = min(self._throttle + opts.throttle_increment, opts.throttle_max)
+        if new != self._throttle:
+            self._throttle = new
+            self._max_throttle = max(self._max_throttle, new)
+            self.guest.set_throttle(new)
+
+    def _notify(self, round_no: int, remaining: int, dirty_rate: float, expected: float) -> None:
+        if self.progress is None:
+            return
+        self.progress(
+            Progress(
+                state=self.state,
+                round=round_no,
+                memory_size=self.page_count * self.page_size,
+                bytes_sent=sum(ch.bytes_sent for ch in self.channels),
+                remaining=remaining,
+                dirty_rate=dirty_rate,
+                bandwidth=self._bandwidth,
+                expected_downtime=expected,
+                throttle=self._throttle,
+            )
+        )
+
+    def _report(self, total: float) -> MigrationReport:
+        return MigrationReport(
+            state=self.state,
+            error=self._error,
+            source_running=self._source_running,
+            destination_resumed=self._resumed,
+            total_time=total,
+            setup_time=self._setup_time,
+            downtime=self._downtime,
+            paused_at=self._paused_at,
+            expected_downtime=self._expected,
+            memory_size=self.page_count * self.page_size,
+            page_size=self.page_size,
+            bytes_sent=self._bytes_sent,
+            pages=self._counts,
+            rounds=self._rounds,
+            dirty_tracking=self.tracking.value,
+            channels=len(self.channels),
+            features=self._features,
+            max_downtime=self.options.max_downtime,
+            max_bandwidth=self.options.max_bandwidth,
+            auto_converge=self.options.auto_converge,
+            throttle=self._max_throttle,
+            device_state_bytes=self._device_state_bytes,
+            states=[(s.value, t) for s, t in self._sm.history],
+        )
+
+
+def _row_runs(rows: np.ndarray, selected: np.ndarray, count: int) -> list[memoryview]:
+    """The selected rows as byte views, one per run of consecutive selected rows: the
+    transport gathers them (sendmsg) without a copy here."""
+    if count == len(rows):
+        return [rows.data.cast("B")] if count else []
+    if count == 0:
+        return []
+    edges = np.flatnonzero(np.diff(selected.astype(np.int8), prepend=0, append=0))
+    if len(edges) > 2 * MAX_RUNS:
+        return [np.compress(selected, rows, axis=0).data.cast("B")]
+    return [rows[a:b].data.cast("B") for a, b in zip(edges[::2], edges[1::2])]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, MigrationError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def migrate(
+    guest: SourceGuest,
+    streams: Sequence[Stream],
+    options: MigrationOptions | None = None,
+    progress: Callable[[Progress], None] | None = None,
+) -> MigrationReport:
+    """Migrate `guest` over `streams` (channel 0 first); the report says how it ended."""
+    return Migration(guest, streams, options, progress).run()

@@ -1,0 +1,1 @@
+"""One module per family of subcommands; each defines `register(subparsers)`."""

@@ -1,0 +1,229 @@
+"""`p2v clone` over loopback SSH against the OpenSSH-client baseline, in the same run.
+
+The "physical server" is a real sshd on 127.0.0.1 (tests/p2v/sshd.py) whose disk is the
+4 GiB bench disk (tests/bench/bench_convert.py builds it). The baseline is what an
+administrator types without p2v:
+
+    ssh HOST dd if=DISK bs=4M | dd of=TMP bs=4M iflag=fullblock conv=sparse
+    qemu-img convert -O FMT TMP OUT
+
+(qemu-img cannot read its input from a pipe, so the stream lands in a sparse temporary
+file first). Recorded: wall time and bytes over the wire for p2v with and without
+--skip-unused and compression, and the raw SSH throughput of paramiko and of the OpenSSH
+client on this machine, which bounds everything. Usage: python tests/bench/bench_clone.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+
+from tests.bench.bench_convert import DISK, WORK, ensure_inputs  # noqa: E402
+from tests.bench.results import record  # noqa: E402
+from tests.p2v.sshd import Sshd, start_sshd  # noqa: E402
+
+MiB = 1 << 20
+STREAM = 2 << 30  # bytes for the raw throughput probes
+
+CASES = {
+    "full disk, no compression": ["--compress", "none"],
+    "full disk, zlib": ["--compress", "zlib"],
+    "--skip-unused, no compression": ["--skip-unused", "--compress", "none"],
+    "--skip-unused, zlib": ["--skip-unused", "--compress", "zlib"],
+}
+#: the issue's targets: ratio = p2v time / baseline time
+TARGETS = {"full disk, no compression": 1.2, "--skip-unused, zlib": 0.5}
+
+
+def output_format() -> str:
+    import formats
+
+    try:
+        mod = formats._module("qcow2")
+    except Exception:
+        return "raw"  # until the qcow2 module lands: both sides write raw
+    return "qcow2" if hasattr(mod, "create") else "raw"
+
+
+def openssh_throughput(server: Sshd) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(
+        ["ssh", *server.ssh_args(), server.target, f"head -c {STREAM} /dev/zero"],
+        stdout=subprocess.DEVNULL,
+        check=True,
+    )
+    return STREAM / (time.perf_counter() - t0)
+
+
+def paramiko_throughput(server: Sshd) -> float:
+    from p2v.ssh import ConnectOptions, connect
+
+    opts = ConnectOptions(
+        host=server.host,
+        user=server.user,
+        port=server.port,
+        key_files=[server.user_key],
+        known_hosts=server.known_hosts,
+        use_agent=False,
+    )
+    with connect(opts) as session:
+        chan = session.open_exec_channel(f"head -c {STREAM} /dev/zero")
+        t0 = time.perf_counter()
+        got = 0
+        while True:
+            data = chan.recv(1 << 20)
+            if not data:
+                break
+            got += len(data)
+        wall = time.perf_counter() - t0
+        chan.close()
+    if got != STREAM:
+        raise SystemExit(f"paramiko probe received {got} of {STREAM} bytes")
+    return got / wall
+
+
+def baseline(server: Sshd, fmt: str, out: str) -> tuple[float, int]:
+    tmp = os.path.join(WORK, "baseline-stream.raw")
+    for p in (tmp, out):
+        if os.path.exists(p):
+            os.unlink(p)
+    ssh = " ".join(["ssh", *server.ssh_args(), server.target])
+    t0 = time.perf_counter()
+    subprocess.run(
+        f"{ssh} dd if={DISK} bs=4M status=none | "
+        f"dd of={tmp} bs=4M iflag=fullblock conv=sparse status=none",
+        shell=True,
+        check=True,
+    )
+    subprocess.run(["qemu-img", "convert", "-O", fmt, tmp, out], check=True)
+    wall = time.perf_counter() - t0
+    os.unlink(tmp)
+    return wall, os.path.getsize(DISK)
+
+
+def p2v_clone(server: Sshd, fmt: str, outdir: str, extra: list[str]) -> tuple[float, dict]:
+    shutil.rmtree(outdir, ignore_errors=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "p2v",
+        "clone",
+        "-p",
+        str(server.port),
+        "-i",
+        server.user_key,
+        "--known-hosts",
+        server.known_hosts,
+        "--no-agent",
+        "--output",
+        "json",
+        server.target,
+        "--disk",
+        DISK,
+        "-O",
+        fmt,
+        *extra,
+        outdir,
+    ]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if res.returncode:
+        raise SystemExit(f"p2v clone failed: {res.stderr}")
+    return wall, json.loads(res.stdout)["disks"][0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    for tool in ("ssh", "qemu-img", "/usr/sbin/sshd"):
+        if shutil.which(tool) is None and not os.path.exists(tool):
+            raise SystemExit(f"{tool} is missing: run `make deps`")
+    ensure_inputs()
+    fmt = output_format()
+    root = tempfile.mkdtemp(prefix="sshd-", dir=WORK)
+    server = start_sshd(root)
+    try:
+        ssh_bw = max(openssh_throughput(server) for _ in range(args.repeat))
+        pmk_bw = max(paramiko_throughput(server) for _ in range(args.repeat))
+        print(f"raw SSH: OpenSSH {ssh_bw / 1e6:.0f} MB/s, paramiko {pmk_bw / 1e6:.0f} MB/s")
+        base_out = os.path.join(WORK, f"baseline.{fmt}")
+        outdir = os.path.join(WORK, "clone-out")
+        best_base = None
+        best: dict[str, tuple[float, dict]] = {}
+        for i in range(args.repeat):
+            order = ["baseline", *CASES]
+            if i % 2:
+                order.reverse()
+            for name in order:
+                subprocess.run(["sync"])
+                if name == "baseline":
+                    wall, _ = baseline(server, fmt, base_out)
+                    best_base = min(best_base or wall, wall)
+                    print(f"baseline: {wall:.2f} s", flush=True)
+                    continue
+                wall, disk = p2v_clone(server, fmt, outdir, CASES[name])
+                print(f"{name}: {wall:.2f} s, {disk['bytes-wire'] / MiB:.0f} MiB wire", flush=True)
+                if name == "full disk, no compression" and i == 0:
+                    same = subprocess.run(
+                        ["qemu-img", "compare", "-f", "raw", DISK, disk["image"]],
+                        capture_output=True,
+                    )
+                    if same.returncode:
+                        raise SystemExit("the clone differs from the disk")
+                if name not in best or wall < best[name][0]:
+                    best[name] = (wall, disk)
+        assert best_base is not None
+        rows = [
+            f"| baseline: ssh dd + qemu-img convert | {best_base:.2f} s | "
+            f"{os.path.getsize(DISK) / MiB:.0f} MiB | 1.00 | |"
+        ]
+        for name, (wall, disk) in best.items():
+            ratio = wall / best_base
+            target = TARGETS.get(name)
+            verdict = ""
+            if target is not None:
+                verdict = f"target <= {target}: {'met' if ratio <= target else 'MISSED'}"
+            rows.append(
+                f"| p2v clone, {name} | {wall:.2f} s | {disk['bytes-wire'] / MiB:.0f} MiB "
+                f"(read {disk['bytes-read'] / MiB:.0f} MiB) | **{ratio:.2f}** | {verdict} |"
+            )
+        for row in rows:
+            print(row)
+        body = (
+            f"4 GiB bench disk (GPT: FAT + ext4 holding ~1.2 GiB) served by sshd on "
+            f"127.0.0.1; output {fmt}; page cache warm; best of {args.repeat} alternating "
+            "runs. p2v times include the agent start, inventory, the copy and the hash "
+            "verification. Wire bytes for p2v are the agent protocol's bytes (payload, "
+            "digests, headers) inside SSH; for the baseline, the disk streamed by dd.\n\n"
+            "With `--compress zlib` the agent compresses a block only when zlib is quicker "
+            "than sending the bytes it saves (docs/p2v.md): over loopback it sends most "
+            "blocks raw, which is why zlib saves little here; over a slow link it compresses "
+            "everything compressible. Zero blocks never cross the wire in any mode.\n\n"
+            f"Raw SSH throughput on this machine (`head -c 2G /dev/zero`): OpenSSH client "
+            f"{ssh_bw / 1e6:.0f} MB/s, paramiko (p2v's transport) {pmk_bw / 1e6:.0f} MB/s.\n\n"
+            "| run | wall | over the wire | ratio | |\n|---|---|---|---|---|\n" + "\n".join(rows)
+        )
+        record("bench_clone", body, "python tests/bench/bench_clone.py")
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        for p in (os.path.join(WORK, f"baseline.{fmt}"),):
+            if os.path.exists(p):
+                os.unlink(p)
+        shutil.rmtree(os.path.join(WORK, "clone-out"), ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The conversion engine: zero skipping, used-block restriction, overlays, bounded work."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+import formats
+from formats.convert import chunk_ranges, convert, convert_image
+from formats.extents import Extent, Kind
+from tests.external import qemu_img, qemu_io
+
+MiB = 1 << 20
+
+
+def make_raw(path, size, writes):
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, data in writes:
+            f.seek(off)
+            f.write(data)
+    return str(path)
+
+
+class Recorder(formats.Image):
+    """A real raw target that also remembers what the engine asked it to store."""
+
+    def __init__(self, inner):
+        super().__init__(inner.path, inner.size, writable=True)
+        self.inner = inner
+        self.cluster_size = 65536
+        self.writes: list[tuple[int, int]] = []
+        self.zeroes: list[tuple[int, int]] = []
+
+    def _readinto(self, offset, buf):
+        self.inner.readinto(offset, buf)
+
+    def _write(self, offset, data):
+        self.writes.append((offset, len(data)))
+        self.inner.write(offset, data)
+
+    def _write_zeroes(self, offset, n):
+        self.zeroes.append((offset, n))
+        self.inner.write_zeroes(offset, n)
+
+    def _close(self):
+        self.inner.close()
+
+
+def test_chunks_are_cluster_aligned_merged_and_cut():
+    ext = [Extent(100, 10, Kind.DATA), Extent(4000, 200, Kind.DATA), Extent(5000, 1, Kind.ZERO)]
+    got = list(chunk_ranges(ext, 4096, 1 << 20, 8192))
+    assert got == [Extent(0, 8192, Kind.DATA)]
+    ext = [Extent(0, 20000, Kind.DATA)]
+    got = list(chunk_ranges(ext, 4096, 20000, 8192))
+    assert [(e.start, e.length) for e in got] == [(0, 8192), (8192, 8192), (16384, 3616)]
+
+
+def test_zero_clusters_are_never_written(tmp_path):
+    data = os.urandom(100_000)
+    src = make_raw(tmp_path / "src.raw", 16 * MiB, [(1 * MiB, data), (8 * MiB, bytes(MiB))])
+    # the explicit zero MiB at 8 MiB is allocated in the source but must not be written
+    with formats.open(src) as s, formats.create(str(tmp_path / "dst.raw"), "raw", s.size) as d:
+        rec = Recorder(d)
+        stats = convert_image(s, rec)
+    written = sum(n for _, n in rec.writes)
+    assert written == stats.bytes_written
+    assert written <= 2 * 65536  # the 100 000 bytes span at most two clusters
+    assert not any(off <= 8 * MiB < off + n for off, n in rec.writes)
+    qemu_img("compare", "-f", "raw", "-F", "raw", src, str(tmp_path / "dst.raw"))
+
+
+def test_only_restricts_copy_to_used_extents(tmp_path):
+    src = make_raw(tmp_path / "src.raw", 4 * MiB, [(0, b"a" * MiB), (2 * MiB, b"b" * MiB)])
+    dst = str(tmp_path / "dst.raw")
+    with formats.open(src) as s:
+        convert(s, dst, "raw", only=[Extent(0, MiB, Kind.DATA), Extent(MiB, 3 * MiB, Kind.ZERO)])
+    with formats.open(dst) as d:
+        assert d.read(0, MiB) == b"a" * MiB
+        assert d.read(2 * MiB, MiB) == bytes(MiB)
+
+
+def test_overlay_writes_only_clusters_that_differ_from_backing(tmp_path):
+    base_data = os.urandom(MiB)
+    base = make_raw(tmp_path / "base.raw", 4 * MiB, [(0, base_data), (2 * MiB, b"z" * MiB)])
+    changed = bytearray(base_data)
+    changed[70000:70010] = b"0123456789"  # one cluster differs
+    # the 'z' MiB became zeros in the source: the overlay must record zeros there
+    src = make_raw(tmp_path / "src.raw", 4 * MiB, [(0, bytes(changed))])
+    with (
+        formats.open(src) as s,
+        formats.open(base) as b,
+        formats.create(str(tmp_path / "dst.raw"), "raw", s.size) as d,
+    ):
+        rec = Recorder(d)
+        convert_image(s, rec, backing=b)
+    assert rec.writes == [(65536, 65536)]
+    assert sum(n for _, n in rec.zeroes) == MiB
+    assert all(2 * MiB <= off < 3 * MiB for off, _ in rec.zeroes)
+
+
+def test_progress_reaches_total(tmp_path):
+    src = make_raw(tmp_path / "src.raw", 8 * MiB, [(3 * MiB, b"x" * 5000)])
+    seen = []
+    with formats.open(src) as s:
+        convert(s, str(tmp_path / "o.raw"), "raw", progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (8 * MiB, 8 * MiB)
+    assert all(a[0] <= b[0] for a, b in itertools.pairwise(seen))
+
+
+def test_failed_conversion_leaves_nothing_under_final_name(tmp_path):
+    src = make_raw(tmp_path / "src.raw", 8 * MiB, [(0, b"x" * MiB)])
+
+    class Boom(Exception):
+        pass
+
+    def explode(done, total):
+        raise Boom
+
+    dst = tmp_path / "out.raw"
+    with formats.open(src) as s, pytest.raises(Boom):
+        convert(s, str(dst), "raw", progress=explode)
+    assert not dst.exists()
+    assert not (tmp_path / "out.raw.partial").exists()
+
+
+@pytest.mark.parametrize("depth", [3])
+def test_overlay_onto_chain_keeps_middle_data(tmp_path, depth):
+    """qemu-img 7.2 drops mid's data converting base <- mid <- top with -B base."""
+    base, mid, top = (str(tmp_path / n) for n in ("base.qcow2", "mid.qcow2", "top.qcow2"))
+    qemu_img("create", "-q", "-f", "qcow2", base, "8M")
+    qemu_io("qcow2", base, "write -P 0x11 0 4M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", mid)
+    qemu_io("qcow2", mid, "write -P 0x22 1M 1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top)
+    qemu_io("qcow2", top, "write -P 0x33 3M 64k")
+    out = str(tmp_path / "out.qcow2")
+    with formats.open(top) as s:
+        convert(s, out, "qcow2", backing_file="base.qcow2", backing_fmt="qcow2")
+    qemu_img("check", out)
+    assert qemu_img("compare", top, out, check=False).returncode == 0
+    info = qemu_img("info", "--output=json", out).stdout
+    assert '"backing-filename": "base.qcow2"' in info
