@@ -505,6 +505,9 @@ def parse_xml(data: bytes, where: str = "ovf") -> ET.Element:
         raise UnsafeImage(f"{where}: descriptor refused: {exc}") from exc
     except ET.ParseError as exc:
         raise CorruptImage(f"{where}: malformed XML: {exc}") from exc
+    except (ValueError, LookupError) as exc:
+        # expat refuses multi-byte and unknown encodings with ValueError/LookupError.
+        raise CorruptImage(f"{where}: unreadable XML: {exc}") from exc
 
 
 _UNITS = {

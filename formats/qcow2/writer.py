@@ -15,8 +15,6 @@ at the end of the file; a cluster whose compressed form is not smaller is stored
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +24,7 @@ import numpy as np
 from ..backing import BackingPolicy
 from ..errors import CorruptImage, FormatError, UnsupportedFeature
 from ..extents import runs
-from ..fileio import file_size, pread_exact, punch_hole, pwrite_all
+from ..fileio import file_size, pread_exact, punch_hole, pwrite_all, start_writeback
 from ..options import parse_bool, parse_choice, parse_size
 from . import compression
 from . import layout as L
@@ -36,15 +34,6 @@ from .refcounts import Refcounts, dtype_for, unpack
 _ZEROS = bytes(8 << 20)
 #: start the kernel's writeback after this many bytes, so the final fsync finds little left
 WRITEBACK_EVERY = 32 << 20
-_SYNC_FILE_RANGE_WRITE = 2
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-
-
-def _start_writeback(fd: int) -> None:
-    """Ask the kernel to begin writing dirty pages now (no wait for completion): the
-    disk works while we convert instead of all at the close's fsync."""
-    _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 @dataclass
@@ -142,7 +131,7 @@ class Qcow2Writer(Qcow2Image):
         self._unsynced += n
         if self._unsynced >= WRITEBACK_EVERY:
             self._unsynced = 0
-            _start_writeback(fd)
+            start_writeback(fd)
 
     def _data_out(self) -> int:
         assert self.data_fd is not None, "an external data file is open with its image"

@@ -101,7 +101,11 @@ def record() -> tuple[bytes, str]:
     spec = "sim:2M,workload=hotset,hot=256K,skew=1,rate=8M,words=4,dirty=scan"
     with SimGuest(parse_spec(spec)) as guest:
         tee = Tee(SocketStream(a))
-        options = MigrationOptions(compress="zstd", delta=True, max_downtime=0.002, batch_pages=64)
+        # a tight downtime forces several rounds (so delta pages appear); auto-converge
+        # makes it finish on a loaded machine too
+        options = MigrationOptions(
+            compress="zstd", delta=True, max_downtime=0.002, batch_pages=64, auto_converge=True
+        )
         report = Migration(guest, [tee], options).run()
         thread.join()
         assert report.completed, report.error
