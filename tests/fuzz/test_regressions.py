@@ -64,7 +64,7 @@ def test_agent_read_zlib_with_trailing_bytes_is_refused():
     assert bytes(buf) == data
 
 
-# -- formats/ovf: descriptors (OVF's owner still at work: these may fail for now) ---------
+# -- formats/ovf: descriptors --------------------------------------------------------------
 
 _ENVELOPE = (
     '<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" '
