@@ -1,8 +1,8 @@
 """Packing and unpacking appliances: OVA archives and OVF packages (descriptor beside its
 files).
 
-Pack: each disk is converted once into a streamOptimized VMDK staged beside the output,
-then the archive is streamed to OUT.partial in the order OVA demands (descriptor, manifest,
+Pack: each disk is converted once into a streamOptimized VMDK staged beside the output
+(in .OUT.p2v-stage/), then the archive is streamed to OUT.partial in the order OVA demands (descriptor, manifest,
 disks in References order) and renamed on success. The manifest precedes the disks in the
 archive but its digests are known only after the disks are read, so its (fixed-length)
 member is reserved and filled in at the end: each disk is read exactly once, hashed while
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -196,7 +195,13 @@ def pack(
     wanted = list(machine.get("disks") or [])
     disks: list[dict[str, Any]] = []
     packed: list[PackedDisk] = []
-    stage = tempfile.mkdtemp(prefix=".p2v-ova-", dir=os.path.dirname(os.path.abspath(output)))
+    # named after the output, not random: a run killed before its cleanup leaves it, and
+    # the next pack to the same output removes it instead of leaving disks' worth behind
+    stage = os.path.join(
+        os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.p2v-stage"
+    )
+    shutil.rmtree(stage, ignore_errors=True)
+    os.mkdir(stage)
     try:
         staged: list[tuple[str, str]] = []
         for i, src_path in enumerate(sources, 1):

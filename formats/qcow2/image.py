@@ -724,6 +724,8 @@ class Qcow2Image(Image):
 
     def _map(self, start: int, end: int, l1: np.ndarray) -> Iterator[tuple[int, int, int]]:
         """(start, end, kind) runs over [start, end); unallocated L1 ranges in one step."""
+        if start >= end:
+            return  # an empty range inside an L2 table's span would classify no clusters
         cb = self.cluster_bits
         span = self.l2_entries << cb
         li0, li1 = start // span, -(-end // span)
