@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ import numpy as np
 
 from .errors import FormatError
 from .extents import Extent, Kind, coalesce, intersect_data, union_data
-from .image import Image
+from .fileio import pwrite_all
+from .image import Image, PendingWrite
 
 CHUNK = 4 << 20
 MAX_CHUNK = 8 << 20
@@ -56,6 +58,34 @@ class _Piece:
     runs: list[tuple[int, Any, int]] = field(default_factory=list)  # (offset, encoded, n)
     zero_runs: list[tuple[int, int]] = field(default_factory=list)
     read: int = 0
+    buffers: list[bytearray] = field(default_factory=list)
+
+
+class _BufferPool:
+    """Chunk buffers reused across chunks: fresh memory costs a page fault per page
+    (and a memset), which at conversion speed is as much as the read itself."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free: list[bytearray] = []
+        self.lock = threading.Lock()
+
+    def get(self) -> bytearray:
+        with self.lock:
+            if self.free:
+                return self.free.pop()
+        return bytearray(self.size)
+
+    def put(self, buf: bytearray) -> None:
+        try:
+            # a writer still holding a view of the chunk must not see it overwritten:
+            # bytearray refuses to resize while views exist, so such a buffer is dropped
+            buf.append(0)
+            buf.pop()
+        except BufferError:
+            return
+        with self.lock:
+            self.free.append(buf)
 
 
 def _align_down(x: int, a: int) -> int:
@@ -135,20 +165,31 @@ class _Engine:
         self.progress = progress
         self.stats = ConvertStats(virtual_size=src.size)
         self.done = 0
+        self.buffers = _BufferPool(self.chunk)
+        self.writes: collections.deque[cf.Future[None]] = collections.deque()
+
+    def _buffer(self, piece: _Piece, n: int) -> memoryview:
+        """A chunk buffer whose bytes past n (up to the next grain) are zero."""
+        buf = self.buffers.get()
+        piece.buffers.append(buf)
+        padded = -(-n // self.grain) * self.grain
+        mv = memoryview(buf)[:padded]
+        if padded > n:
+            mv[n:] = bytes(padded - n)
+        return mv
 
     def _work(self, rng: Extent) -> _Piece:
         n = rng.length
-        padded = -(-n // self.grain) * self.grain
-        buf = bytearray(padded)
-        mv = memoryview(buf)
-        self.src.readinto(rng.start, mv[:n])
         piece = _Piece(rng.start, n, read=n)
+        mv = self._buffer(piece, n)
+        self.src.readinto(rng.start, mv[:n])
         if self.backing is not None:
-            base = bytearray(padded)
+            base = self._buffer(piece, n)
             bn = max(0, min(n, self.backing.size - rng.start))
+            base[bn:n] = bytes(n - bn)
             if bn:
-                self.backing.readinto(rng.start, memoryview(base)[:bn])
-            write = differ_mask(mv, memoryview(base), n, self.grain)
+                self.backing.readinto(rng.start, base[:bn])
+            write = differ_mask(mv, base, n, self.grain)
             nonzero = cluster_mask(mv, n, self.grain)
             for first, count in _mask_runs(write & ~nonzero):
                 s, e = self._span(rng, first, count)
@@ -158,7 +199,7 @@ class _Engine:
             write = cluster_mask(mv, n, self.grain)
         for first, count in _mask_runs(write):
             s, e = self._span(rng, first, count)
-            data = bytes(mv[s - rng.start : e - rng.start])
+            data = mv[s - rng.start : e - rng.start]
             piece.runs.append((s, self.dst.encode(s, data), e - s))
         return piece
 
@@ -166,15 +207,48 @@ class _Engine:
         s = rng.start + first * self.grain
         return s, min(s + count * self.grain, rng.end)
 
-    def _store(self, piece: _Piece) -> None:
-        for off, n in piece.zero_runs:
-            self.dst.write_zeroes(off, n)
-            self.stats.bytes_zero_written += n
-        for off, enc, n in piece.runs:
-            self.dst.write_encoded(off, enc)
-            self.stats.bytes_written += n
-        self.stats.bytes_read += piece.read
+    def _store(self, piece: _Piece, pool: cf.Executor) -> None:
+        pending = self._apply(piece)
+        if pending:
+            # the data itself goes out on the pool while this thread plans the next chunk
+            self.writes.append(pool.submit(self._issue, pending, piece))
+        else:
+            self._recycle(piece)
         self._advance(piece.length)
+
+    def _apply(self, piece: _Piece) -> list[PendingWrite]:
+        """Hand the piece to the writer; returns the data writes it deferred. Every view
+        of the chunk buffer ends up in that list (or nowhere), so recycling can see when
+        the buffer is free."""
+        with self.dst.deferred_writes() as pending:
+            for off, n in piece.zero_runs:
+                self.dst.write_zeroes(off, n)
+                self.stats.bytes_zero_written += n
+            piece.runs.reverse()  # popped in order: sequential writers need it
+            while piece.runs:
+                off, enc, n = piece.runs.pop()
+                self.dst.write_encoded(off, enc)
+                self.stats.bytes_written += n
+                del enc
+        self.stats.bytes_read += piece.read
+        return pending
+
+    def _issue(self, pending: list[PendingWrite], piece: _Piece) -> None:
+        while pending:
+            fd, data, offset = pending.pop()
+            pwrite_all(fd, data, offset)
+            del data
+        self._recycle(piece)
+
+    def _recycle(self, piece: _Piece) -> None:
+        for buf in piece.buffers:
+            self.buffers.put(buf)
+        piece.buffers.clear()
+
+    def _reap_writes(self, keep: int) -> None:
+        """Wait until at most `keep` data writes are in flight; their errors surface here."""
+        while self.writes and (len(self.writes) > keep or self.writes[0].done()):
+            self.writes.popleft().result()
 
     def _advance(self, n: int) -> None:
         self.done += n
@@ -186,8 +260,12 @@ class _Engine:
         planned = 0
         inflight: collections.deque[cf.Future[_Piece]] = collections.deque()
         limit = 2 * self.workers + 2
-        ordered = self.dst.is_sequential
-        with cf.ThreadPoolExecutor(self.workers, thread_name_prefix="p2v-convert") as pool:
+        # data writes go out on one thread of their own: parallel writers to one file
+        # only contend for its inode lock
+        with (
+            cf.ThreadPoolExecutor(self.workers, thread_name_prefix="p2v-convert") as pool,
+            cf.ThreadPoolExecutor(1, thread_name_prefix="p2v-write") as writer,
+        ):
             try:
                 for rng in chunk_ranges(extents, self.grain, self.src.size, self.chunk):
                     if rng.start > planned:
@@ -196,12 +274,15 @@ class _Engine:
                     planned = rng.end
                     inflight.append(pool.submit(self._work, rng))
                     while len(inflight) >= limit:
-                        self._drain_one(inflight, ordered)
+                        self._drain_one(inflight, writer)
                 while inflight:
-                    self._drain_one(inflight, ordered)
+                    self._drain_one(inflight, writer)
+                self._reap_writes(0)
             except BaseException:
                 for f in inflight:
                     f.cancel()
+                for w in self.writes:
+                    w.cancel()
                 raise
         if planned < self.src.size:
             self.stats.bytes_skipped += self.src.size - planned
@@ -209,15 +290,16 @@ class _Engine:
         self.stats.seconds = time.monotonic() - t0
         return self.stats
 
-    def _drain_one(self, inflight: collections.deque[cf.Future[_Piece]], ordered: bool) -> None:
-        if ordered:
-            self._store(inflight.popleft().result())
+    def _drain_one(self, inflight: collections.deque[cf.Future[_Piece]], pool: cf.Executor) -> None:
+        self._reap_writes(self.workers)
+        if self.dst.is_sequential:
+            self._store(inflight.popleft().result(), pool)
             return
         # writers that allow it take whichever chunk is ready first
         done, _ = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
         for f in list(done):
             inflight.remove(f)
-            self._store(f.result())
+            self._store(f.result(), pool)
 
 
 def default_workers() -> int:

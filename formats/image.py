@@ -7,6 +7,7 @@ immutable or locked caches. Writes come from one thread.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,8 +15,12 @@ from typing import Any
 
 from .errors import FormatError
 from .extents import Extent, Kind, coalesce
+from .fileio import pwrite_all
 
 ZERO_CHUNK = bytes(8 << 20)
+
+#: a data write a writer left for its caller: (fd, bytes, file offset)
+PendingWrite = tuple[int, memoryview, int]
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Image:
         self.writable = writable
         self.closed = False
         self.backing: Image | None = None
+        self._pending: list[PendingWrite] | None = None
 
     # -- reading -------------------------------------------------------------
     def read(self, offset: int, n: int) -> bytes:
@@ -100,7 +106,26 @@ class Image:
             self._write(pos, memoryview(ZERO_CHUNK)[:step])
             pos += step
 
-    def encode(self, offset: int, data: bytes) -> Any:
+    @contextlib.contextmanager
+    def deferred_writes(self) -> Iterator[list[PendingWrite]]:
+        """Collect the data writes made inside instead of issuing them, so the caller
+        can issue them on other threads while this one updates metadata. The caller
+        issues every one (in any order) before it flushes, reads back or rewrites those
+        ranges. Formats that write data through `_pwrite` defer; the rest write at once."""
+        pending: list[PendingWrite] = []
+        self._pending = pending
+        try:
+            yield pending
+        finally:
+            self._pending = None
+
+    def _pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+        if self._pending is not None:
+            self._pending.append((fd, memoryview(data).cast("B"), offset))
+        else:
+            pwrite_all(fd, data, offset)
+
+    def encode(self, offset: int, data: bytes | memoryview) -> Any:
         """CPU-only preparation of a chunk (compression), safe to run on a thread pool."""
         return data
 

@@ -12,7 +12,7 @@ from typing import Any
 from .backing import BackingPolicy
 from .errors import FormatError
 from .extents import Extent, Kind
-from .fileio import preadinto, punch_hole, pwrite_all
+from .fileio import preadinto, punch_hole
 from .image import Image
 
 FORMAT = "raw"
@@ -60,7 +60,7 @@ class RawImage(Image):
             pos = hole
 
     def _write(self, offset: int, data: memoryview) -> None:
-        pwrite_all(self.fd, data, offset)
+        self._pwrite(self.fd, data, offset)
 
     def _write_zeroes(self, offset: int, n: int) -> None:
         if self.is_block_device or not punch_hole(self.fd, offset, n):

@@ -288,7 +288,7 @@ class Qcow2Writer(Qcow2Image):
         for ka, kb in zip(starts, stops):
             gs = max(s, (c0 + ka) << cb)
             ge = min(e, (c0 + kb) << cb)
-            pwrite_all(fd, data[gs - s : ge - s], int(host[ka]) + gs - ((c0 + ka) << cb))
+            self._pwrite(fd, data[gs - s : ge - s], int(host[ka]) + gs - ((c0 + ka) << cb))
         self._wrote(fd, e - s)
         new_desc = host | np.uint64(L.OFLAG_COPIED)
         new_bmp = None
@@ -422,7 +422,7 @@ class Qcow2Writer(Qcow2Image):
             c = cnext
 
     # -- compressed clusters ------------------------------------------------------------
-    def encode(self, offset: int, data: bytes) -> Any:
+    def encode(self, offset: int, data: bytes | memoryview) -> Any:
         cs = self.cluster_size
         if not self.compress or offset % cs:
             return data
@@ -464,7 +464,7 @@ class Qcow2Writer(Qcow2Image):
         ends = pos + lens
         breaks = np.flatnonzero(pos[1:] != ends[:-1]) + 1
         for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), len(blobs)]):
-            pwrite_all(self.fd, b"".join(blobs[a:b]), int(pos[a]))
+            self._pwrite(self.fd, b"".join(blobs[a:b]), int(pos[a]))
         self._wrote(self.fd, int(lens.sum()))
         nsect = ((ends - 1) >> 9) - (pos >> 9)
         desc = (

@@ -350,7 +350,7 @@ class StreamWriter(Image):
         self.finished = False
 
     # -- compression: on the engine's pool -----------------------------------------------
-    def encode(self, offset: int, data: bytes) -> Any:
+    def encode(self, offset: int, data: bytes | memoryview) -> Any:
         n = len(data)
         if offset % self.grain or (n % self.grain and offset + n != self.size):
             return data  # a partial grain: the writer merges it in order

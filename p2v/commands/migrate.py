@@ -7,13 +7,14 @@ import argparse
 import json
 import re
 import sys
+from typing import TYPE_CHECKING
 
-from live_migrate import planner, session
-from live_migrate.engine import MigrationOptions
-from live_migrate.receiver import ReceiverOptions
-from live_migrate.report import ProgressBar
-from live_migrate.transport import parse_address, tls_client_context, tls_server_context
 from p2v.output import human_size, parse_size, print_json, to_jsonable
+
+if TYPE_CHECKING:
+    from live_migrate.engine import MigrationOptions
+
+# live_migrate is imported by the handlers: `p2v convert` should not pay for it
 
 RECEIVE_PORT = 4444  # QEMU's documentation examples use it for -incoming tcp
 
@@ -156,6 +157,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _options(args: argparse.Namespace) -> MigrationOptions:
+    from live_migrate.engine import MigrationOptions
+
     return MigrationOptions(
         max_downtime=args.max_downtime / 1000,
         max_bandwidth=args.max_bandwidth,
@@ -169,6 +172,10 @@ def _options(args: argparse.Namespace) -> MigrationOptions:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from live_migrate import session
+    from live_migrate.report import ProgressBar
+    from live_migrate.transport import parse_address, tls_client_context
+
     if args.plan:
         return _cmd_plan(args)
     if not args.guest or not (args.to or args.via_ssh):
@@ -233,6 +240,8 @@ def _print_migration(r) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from live_migrate import planner, session
+
     bandwidth = args.bandwidth or args.max_bandwidth
     if not bandwidth:
         raise ValueError("--plan needs --bandwidth (or --max-bandwidth)")
@@ -277,6 +286,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
+    from live_migrate import session
+    from live_migrate.receiver import ReceiverOptions
+    from live_migrate.transport import parse_address, tls_server_context
+
     if args.qemu:
         args.target = f"qemu:{args.qemu}"
     options = ReceiverOptions(hash_memory=args.hash)
