@@ -6,8 +6,6 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 
-from tqdm import tqdm
-
 Callback = Callable[[int, int], None]
 
 
@@ -17,6 +15,8 @@ def byte_bar(desc: str, enabled: bool = True) -> Iterator[Callback | None]:
     if not enabled:
         yield None
         return
+    from tqdm import tqdm  # 0.1 s to import: only when a bar is drawn
+
     bar = tqdm(
         desc=desc,
         unit="B",

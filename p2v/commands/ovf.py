@@ -6,7 +6,6 @@ import argparse
 import os
 
 from drivers.machine import OS_FAMILIES
-from formats import ovf
 from p2v.output import human_size, parse_size, print_json
 from p2v.progress import byte_bar
 
@@ -77,6 +76,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     if not 4 << 20 <= args.memory <= 24 << 40:
         raise ValueError(f"--memory {args.memory} bytes is absurd (4 MiB..24 TiB)")
     with byte_bar("pack", args.progress) as progress:
+        from formats import ovf
+
         result = ovf.pack(
             args.disks,
             args.output,
@@ -104,6 +105,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 def cmd_unpack(args: argparse.Namespace) -> int:
     with byte_bar("unpack", args.progress) as progress:
+        from formats import ovf
+
         result = ovf.unpack(
             args.source,
             args.outdir,

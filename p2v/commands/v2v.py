@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 import drivers
 from drivers.machine import BUSES, NIC_MODELS, OS_FAMILIES
 from p2v.output import human_size, parse_size, print_json
 from p2v.progress import byte_bar
-from p2v.v2v import V2VRequest, V2VResult, run_v2v
+
+if TYPE_CHECKING:
+    from p2v.v2v import V2VResult
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_v2v(args: argparse.Namespace) -> int:
+    from p2v.v2v import V2VRequest, run_v2v  # conversion machinery: only when used
+
     req = V2VRequest(
         source=args.source,
         outdir=args.outdir,
