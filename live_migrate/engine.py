@@ -168,8 +168,11 @@ class Migration:
         self._resumed = False
         self._features: list[str] = []
         self._bandwidth = 0.0
+        self._bandwidths: list[float] = []  # the last two rounds' that say something
+        self._digest_time = 0.0
         self._wire_ratio = 1.0
         self._latency = 0.0
+        self._phases: dict[str, float] = {}  # switch-over: seconds per step
 
     @property
     def state(self) -> MigrationState:
@@ -246,10 +249,14 @@ class Migration:
             )
         self.weights = pg.fingerprint_weights(self.page_size)
         self.fp = np.zeros(self.page_count, dtype=np.uint64)
+        t = time.monotonic()
+        pg.memory_digest(self.fp)  # a part of the downtime, on each side
+        self._digest_time = time.monotonic() - t
         # what the destination holds: needed to scan, and to send deltas against
         self.sent: np.ndarray | None = None
         if self.tracking is DirtyTracking.SCAN or self._delta:
             self.sent = np.zeros_like(self.mem)  # calloc: pages materialise when sent
+        self._sent_zero = np.ones(self.page_count, dtype=bool)  # rows of `sent` known zero
         # a delta is worth it when it is at most half a page (masks included)
         self.max_delta_words = (self.page_size // 2 - wire.delta_mask_bytes(self.page_size)) // 8
         workers = self.options.workers or os.cpu_count() or 1
@@ -331,26 +338,37 @@ class Migration:
 
     def _switch_over(self, dirty: np.ndarray) -> None:
         ch0 = self.channels[0]
-        t_pause = time.monotonic()
+        phases = self._phases
+        t_pause = mark = time.monotonic()
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            phases[name] = now - mark
+            mark = now
+
         self._paused_at = time.time()
         self.guest.pause()
         self._source_running = False
-        t_scan = time.monotonic()
+        phase("pause")
         if self.tracking is DirtyTracking.LOG:
             # what the last round left, and what was written since its collection
             dirty = np.union1d(dirty, self._collect())
             self.guest.stop_dirty_log()
         else:
             dirty = self._collect()  # compares with what was sent: finds both
-        scan_time = time.monotonic() - t_scan
+        phase("collect")
+        scan_time = phases["collect"]
         final = len(self._rounds)
         stats = self._send_round(final, dirty)
+        phase("send")
         state = self.guest.save_device_state()
         self._device_state_bytes = len(state)
         ch0.send(
             FrameType.DEVICE_STATE,
             [wire.DeviceState.build(dict(crc=crc32c.crc32c(state), state=state))],
         )
+        phase("device_state")
         digest = pg.memory_digest(self.fp)
         pages_sent = sum(r.pages_sent for r in self._rounds) + stats.pages
         end = wire.End.build(
@@ -367,6 +385,7 @@ class Migration:
             raise ProtocolError(f"{ftype.name} frame, expected the destination's ACK")
         if wire.parse_body(wire.Ack, body, "ACK").memory_digest != digest:
             raise ProtocolError("the destination acknowledged a different memory digest")
+        phase("acknowledge")
         # the destination holds everything: from here the source must never run again
         self._committed = True
         ch0.send(FrameType.GO)
@@ -374,6 +393,7 @@ class Migration:
         if ftype is not FrameType.RESUMED:
             raise ProtocolError(f"{ftype.name} frame, expected RESUMED")
         wire.parse_body(wire.Resumed, body, "RESUMED")
+        phase("resume")
         self._downtime = time.monotonic() - t_pause
         self._resumed = True
         self.guest.finish()
@@ -572,27 +592,35 @@ class Migration:
         copy is kept the batch is sent from it. Without one (dirty log, no deltas) full
         pages go from guest memory to the socket with no copy: a page torn by a racing
         write is dirty in the log and goes again next round.
+
+        Zero pages are found on guest memory before the copy and are not copied: the kept
+        copy starts as untouched zero memory, and writing zeros into it would fault in as
+        much memory as the guest has. A page written between the test and the copy was
+        announced as zero and the kept copy says zero: the next scan finds it.
         """
         mem, sent = self.mem, self.sent
         first, last = int(idx[0]), int(idx[-1])
         n = len(idx)
         contiguous = last - first + 1 == n
         use_delta = self._delta and round_no > 0 and sent is not None
-        kept = False  # snap is already the kept copy
-        if not contiguous:
-            snap = mem.take(idx, axis=0)
-        elif sent is None:
-            snap = mem[first : last + 1]
+        live = mem[first : last + 1] if contiguous else mem.take(idx, axis=0)
+        zero = pg.zero_pages(live) if self._zero_pages else np.zeros(n, dtype=bool)
+        if sent is None:
+            snap = live
         elif use_delta:
-            snap = mem[first : last + 1].copy()  # the old copy is needed for the deltas
+            snap = live.copy() if contiguous else live  # the old copy is needed for deltas
         else:
-            snap = sent[first : last + 1]
-            np.copyto(snap, mem[first : last + 1])
-            kept = True
+            snap = self._keep(live, zero, first, last, idx, contiguous)
         kinds = np.full(n, PageKind.FULL, dtype=np.uint8)
-        if self._zero_pages:
-            kinds[pg.zero_pages(snap)] = PageKind.ZERO
-        fps = pg.fingerprints(snap, self.weights)
+        kinds[zero] = PageKind.ZERO
+        zero_count = int(np.count_nonzero(zero))
+        if zero_count == n:
+            fps = np.zeros(n, dtype=np.uint64)
+        else:
+            fps = pg.fingerprints(snap, self.weights)
+            # a page written since its zero test was announced as zero: the destination
+            # holds zeros (its write is dirty, and goes next round)
+            fps[zero] = 0
         masks = values = np.empty(0, dtype=np.uint64)
         delta_count = 0
         if use_delta:
@@ -603,11 +631,7 @@ class Migration:
                 use, masks, values = pg.delta_encode(snap[cand], old, self.max_delta_words)
                 kinds[cand[use]] = PageKind.DELTA
                 delta_count = int(use.sum())
-        if sent is not None and not kept:
-            if contiguous:
-                sent[first : last + 1] = snap
-            else:
-                sent[idx] = snap
+            self._keep(snap, zero, first, last, idx, contiguous)
         if contiguous:
             self.fp[first : last + 1] = fps
         else:
@@ -629,6 +653,39 @@ class Migration:
         )
         return _Encoded(parts=[*prefix, *data], pages=n, counts=counts)
 
+    def _keep(
+        self,
+        rows: np.ndarray,
+        zero: np.ndarray,
+        first: int,
+        last: int,
+        idx: np.ndarray,
+        contiguous: bool,
+    ) -> np.ndarray:
+        """Store `rows` as the destination's copy of pages `idx`, without writing the
+        zero rows whose copy is zero already; return the kept rows (a view of the copy
+        when the pages are contiguous, else `rows` itself)."""
+        sent, known_zero = self.sent, self._sent_zero
+        assert sent is not None
+        if contiguous:
+            kept = sent[first : last + 1]
+            if zero.any():
+                np.copyto(kept, rows, where=~zero[:, None])
+                stale = zero & ~known_zero[first : last + 1]
+                if stale.any():
+                    kept[stale] = 0
+            else:
+                np.copyto(kept, rows)
+            known_zero[first : last + 1] = zero
+            return kept
+        nonzero = ~zero
+        sent[idx[nonzero]] = rows[nonzero]
+        stale = idx[zero & ~known_zero[idx]]
+        if len(stale):
+            sent[stale] = 0
+        known_zero[idx] = zero
+        return rows
+
     def _collect(self) -> np.ndarray:
         if self.tracking is DirtyTracking.LOG:
             mask = self.guest.collect_dirty_log()
@@ -642,10 +699,11 @@ class Migration:
     # -- measurement and prediction ----------------------------------------------------
 
     def _learn(self, stats: _SendStats) -> None:
-        """Bandwidth and bytes-per-page from the round just sent (QEMU uses the last
-        period too). Tiny rounds are mostly latency: they do not update the estimate."""
-        if stats.send_time > 0 and (stats.wire_bytes >= 4 << 20 or not self._bandwidth):
-            self._bandwidth = stats.wire_bytes / stats.send_time
+        """Bandwidth and bytes-per-page from the rounds just sent (QEMU uses the last
+        period). Tiny rounds are mostly latency: they do not update the estimate."""
+        if stats.send_time > 0 and (stats.wire_bytes >= 4 << 20 or not self._bandwidths):
+            self._bandwidths = [*self._bandwidths[-1:], stats.wire_bytes / stats.send_time]
+            self._bandwidth = self._bandwidths[-1]
         data_pages = stats.counts.full + stats.counts.compressed + stats.counts.delta
         if data_pages:
             # dirty pages are written pages: expect them to cost what data pages cost
@@ -653,11 +711,16 @@ class Migration:
             self._wire_ratio = min(max(ratio, 0.01), 1.1)
 
     def _predict(self, dirty_pages: int, scan_time: float) -> float:
-        bandwidth = max(self._bandwidth, 1.0)
+        """The downtime if the guest paused now: the dirty pages at the slower of the
+        last two rounds' bandwidths (a link shared with other traffic varies, and a
+        downtime over the limit costs more than one round more), the final collection
+        (a full scan in scan mode, a log flip otherwise), the memory digest on both
+        sides, and END -> ACK, GO -> RESUMED: two round trips."""
+        bandwidth = max(min(self._bandwidths, default=0.0), 1.0)
+        if self.options.max_bandwidth:
+            bandwidth = min(bandwidth, self.options.max_bandwidth)
         remaining = dirty_pages * self.page_size * self._wire_ratio
-        # the final collection runs paused: a full scan in scan mode, a log flip otherwise;
-        # then END -> ACK -> GO -> RESUMED, two round trips
-        return remaining / bandwidth + scan_time + 2 * self._latency
+        return remaining / bandwidth + scan_time + 2 * self._digest_time + 2 * self._latency
 
     def _diagnosis(self, dirty_rate: float, expected: float) -> str:
         tip = "" if self.options.auto_converge else "; try --auto-converge"
@@ -719,6 +782,7 @@ class Migration:
             auto_converge=self.options.auto_converge,
             throttle=self._max_throttle,
             device_state_bytes=self._device_state_bytes,
+            switch_over=dict(self._phases),
             states=[(s.value, t) for s, t in self._sm.history],
         )
 

@@ -54,8 +54,9 @@ def memory_digest(table: np.ndarray) -> bytes:
 
 
 def zero_pages(pages: np.ndarray) -> np.ndarray:
-    """Which rows are all zero."""
-    return np.logical_not(pages.any(axis=1))
+    """Which rows are all zero. An OR of each row's words: numpy's `any` goes through
+    booleans and runs at half the speed."""
+    return np.bitwise_or.reduce(pages, axis=1) == 0
 
 
 def changed_pages(

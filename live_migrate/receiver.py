@@ -168,6 +168,9 @@ class Receiver:
         if self.mem.shape[0] != hello.page_count or not self.mem.flags.writeable:
             self._refuse("the target's memory does not match the source's geometry")
         self.fp = np.zeros(hello.page_count, dtype=np.uint64)
+        # pages that hold zeros: the whole target at creation (TargetGuest.memory). A
+        # zero page there is not written: writing it would fault in memory for nothing
+        self.known_zero = np.ones(hello.page_count, dtype=bool)
         self.weights = pg.fingerprint_weights(hello.page_size)
         welcome = wire.Welcome.build(
             dict(
@@ -319,6 +322,7 @@ class Receiver:
                 rows = mem[first : first + count]
                 ch.read_into(rows.data.cast("B"))
                 fp[first : first + count] = pg.fingerprints(rows, self.weights)
+                self.known_zero[first : first + count] = False
             rest = ch.scratch(batch.stored_length - n_full * ps)
             ch.read_into(rest)
             data, data_off = rest, -n_full * ps  # offsets below are into the whole section
@@ -333,9 +337,13 @@ class Receiver:
             if n_full:
                 mem[full_pages] = full
                 fp[full_pages] = pg.fingerprints(full, self.weights)
+                self.known_zero[full_pages] = False
         if n_zero:
             where = pages[kinds == PageKind.ZERO]
-            mem[where] = 0
+            stale = where[~self.known_zero[where]]
+            if len(stale):
+                mem[stale] = 0
+            self.known_zero[where] = True
             fp[where] = 0
         if n_delta:
             mb = wire.delta_mask_bytes(ps)
@@ -349,6 +357,7 @@ class Receiver:
             )
             where = pages[kinds == PageKind.DELTA]
             pg.delta_apply(mem, where, masks, values)
+            self.known_zero[where] = False
             fp[where] = pg.fingerprints(mem[where], self.weights)
         with self._lock:
             self._pages += len(pages)

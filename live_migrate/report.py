@@ -79,6 +79,9 @@ class MigrationReport:
     throttle: float  # the highest throttle applied
     device_state_bytes: int
     states: list[tuple[str, float]]  # (state, seconds since start)
+    #: the downtime's steps, seconds each: pause, collect (the final scan in scan mode),
+    #: send, device_state, acknowledge (END -> ACK), resume (GO -> RESUMED)
+    switch_over: dict[str, float] = field(default_factory=dict)
 
     @property
     def completed(self) -> bool:

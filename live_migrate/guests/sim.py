@@ -27,8 +27,8 @@ Dirty pages, both ways the `Guest` protocol knows:
 
 The memory and the control block are files in /dev/shm, unlinked as soon as both
 processes have mapped them: nothing is left behind if either process dies, and the child
-exits when its parent does. A `SimTarget`'s memory is a file there too, kept on request
-so that another process can check it.
+exits when its parent does. A `SimTarget`'s memory is anonymous memory, or with `keep` a
+file there that another process can check afterwards.
 """
 
 from __future__ import annotations
@@ -501,16 +501,21 @@ class SimGuest:
 
 class SimTarget:
     """A synthetic destination guest (implements `live_migrate.guest.TargetGuest`):
-    zero-filled memory in a /dev/shm file, device state kept as bytes."""
+    zero-filled memory (a /dev/shm file with `keep`), device state kept as bytes."""
 
     def __init__(self, geometry: Geometry, keep: bool = False) -> None:
         self._geometry = geometry
         self.keep = keep
-        self.path: str | None = _shm_file("p2v-sim-target-", geometry.memory_size)
-        with open(self.path, "r+b") as f:
-            self._map = mmap.mmap(f.fileno(), geometry.memory_size, flags=_POPULATE)
-        if not keep:
-            self._unlink()  # the memory lives as long as the mapping
+        # memory appears as the receiver writes it, as in a QEMU started with -incoming:
+        # zero pages are never written, and the first touch of fresh memory costs about
+        # 1 s per GiB on the development VMs, a cost that belongs to the pages received
+        self.path: str | None = None
+        if keep:
+            self.path = _shm_file("p2v-sim-target-", geometry.memory_size)
+            with open(self.path, "r+b") as f:
+                self._map = mmap.mmap(f.fileno(), geometry.memory_size)
+        else:
+            self._map = mmap.mmap(-1, geometry.memory_size)
         self.device_state: bytes | None = None
         self.resumed = False
         self.discarded = False
