@@ -110,3 +110,78 @@ def test_bad_input_is_one_line_error_and_leaves_no_output(tmp_path, disk, args, 
 
 def test_check_exit_code_for_unsupported_format(disk):
     assert p2v("check", disk).returncode == 63
+
+
+@pytest.mark.parametrize("extra", [[], ["-o", "compression_type=zstd"]])
+def test_convert_compressed_is_compressed_and_equal(disk, tmp_path, extra):
+    out = str(tmp_path / "out.qcow2")
+    text = tmp_path / "text.raw"
+    with open(text, "wb") as f:
+        f.truncate(16 * MiB)
+        f.write(b"compressible text " * 100_000)
+    p2v("convert", "-c", "-O", "qcow2", *extra, str(text), out, check=True)
+    res = qemu_img("check", "--output=json", out)
+    assert json.loads(res.stdout)["compressed-clusters"] > 0
+    qemu_img("compare", str(text), out)
+    assert os.path.getsize(out) < MiB
+
+
+def test_convert_with_backing_writes_only_what_differs(disk, tmp_path):
+    base = str(tmp_path / "base.qcow2")
+    p2v("convert", "-O", "qcow2", disk, base, check=True)
+    changed = tmp_path / "changed.raw"
+    with open(disk, "rb") as f:
+        data = bytearray(f.read())
+    data[8 * MiB : 8 * MiB + 4096] = os.urandom(4096)
+    data[MiB : MiB + 65536] = bytes(65536)  # data in the base that became zeros
+    changed.write_bytes(data)
+    top = str(tmp_path / "top.qcow2")
+    p2v("convert", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", str(changed), top, check=True)
+    qemu_img("check", top)
+    qemu_img("compare", str(changed), top)
+    own = [
+        e
+        for e in json.loads(qemu_img("map", "--output=json", top).stdout)
+        if e["depth"] == 0 and (e["data"] or e["zero"]) and e["start"] < 16 * MiB
+    ]
+    # only the two changed 64 KiB clusters live in the overlay
+    assert sum(e["length"] for e in own) == 2 * 65536, own
+
+
+def test_progress_bar_reaches_the_end(disk, tmp_path):
+    res = p2v("convert", "-p", "-O", "qcow2", disk, str(tmp_path / "out.qcow2"), check=True)
+    assert "100%" in res.stderr
+
+
+def _refcount_entry(path: str, cluster: int) -> int:
+    """File offset of a cluster's 16-bit refcount (a fresh qemu-img image: one block)."""
+    with open(path, "rb") as f:
+        header = f.read(104)
+        reftable = int.from_bytes(header[48:56], "big")
+        f.seek(reftable)
+        block = int.from_bytes(f.read(8), "big")
+    return block + 2 * cluster
+
+
+@pytest.mark.parametrize("damage, code", [("leak", 3), ("corrupt", 2)])
+def test_check_exit_codes_match_qemu_img(tmp_path, damage, code):
+    img = str(tmp_path / "img.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", img, "16M")
+    qemu_io("qcow2", img, "write -P 7 0 1M")
+    size = os.path.getsize(img)
+    with open(img, "r+b") as f:
+        if damage == "leak":
+            # a cluster past the end that the refcounts claim: leaked
+            f.truncate(size + 65536)
+            f.seek(_refcount_entry(img, size // 65536))
+            f.write((1).to_bytes(2, "big"))
+        else:
+            # the header cluster with a refcount of 0: in use but unaccounted, corrupt
+            f.seek(_refcount_entry(img, 0))
+            f.write((0).to_bytes(2, "big"))
+    assert qemu_img("check", img, check=False).returncode == code
+    res = p2v("check", img)
+    assert res.returncode == code, res.stdout + res.stderr
+    as_json = p2v("check", "--output", "json", img)
+    assert as_json.returncode == code
+    json.loads(as_json.stdout)
