@@ -134,6 +134,7 @@ def main() -> None:
         raise SystemExit("qemu-img or GNU time is missing: run `make deps`")
     ensure_inputs()
     names = args.cases.split(",") if args.cases else list(CASES)
+    load_before = os.getloadavg()[0]
     rows = []
     for name in names:
         fmt = CASES[name][1][CASES[name][1].index("-O") + 1]
@@ -162,7 +163,8 @@ def main() -> None:
         "time; peak RSS per process (GNU time). p2v's time includes its fsync of the output "
         "before the rename (the output is durable when p2v exits); qemu-img does not sync. "
         "Writing fresh page cache on this VM is erratic (the same copy takes 0.7 s or 3 s "
-        "from one run to the next), hence best-of.\n\n| case | p2v | qemu-img | ratio | speed-up |\n|---|---|---|---|---|\n"
+        "from one run to the next), hence best-of. Load average (1 min) before/after: "
+        f"{load_before:.1f}/{os.getloadavg()[0]:.1f}.\n\n| case | p2v | qemu-img | ratio | speed-up |\n|---|---|---|---|---|\n"
         + "\n".join(rows)
     )
     record("bench_convert", body, "python tests/bench/bench_convert.py")
