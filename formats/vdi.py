@@ -303,9 +303,9 @@ class VdiImage(Image):
             part = data[at : at + n]
             if new:
                 for a, z in nonzero_runs(part):
-                    pwrite_all(self.fd, part[a:z], foff + a)
+                    self._pwrite(self.fd, part[a:z], foff + a)
             else:
-                pwrite_all(self.fd, part, foff)
+                self._pwrite(self.fd, part, foff)
 
     def _write_zeroes(self, offset: int, n: int) -> None:
         self._guard()

@@ -332,7 +332,7 @@ class VhdxImage(Image):
     def _store(self, data: memoryview, foff: int, at: int, n: int, how: int) -> None:
         part = data[at : at + n]
         if how == OLD:
-            pwrite_all(self.fd, part, foff)
+            self._pwrite(self.fd, part, foff)
             return
         # space this writer allocated: zero runs stay holes (fresh space) or become holes
         # (space an earlier call wrote: a block can be larger than the engine's chunk)
@@ -340,7 +340,7 @@ class VhdxImage(Image):
         for a, z in nonzero_runs(part):
             if how == OURS and a > pos:
                 self._zero_file(foff + pos, a - pos)
-            pwrite_all(self.fd, part[a:z], foff + a)
+            self._pwrite(self.fd, part[a:z], foff + a)
             pos = z
         if how == OURS and pos < n:
             self._zero_file(foff + pos, n - pos)
