@@ -352,8 +352,11 @@ class Migration:
         self._source_running = False
         phase("pause")
         if self.tracking is DirtyTracking.LOG:
-            # what the last round left, and what was written since its collection
-            dirty = np.union1d(dirty, self._collect())
+            # what the last round left, and what was written since its collection (a
+            # mask, not np.union1d: its first call costs 20 ms of numpy's lazy set-up)
+            mask = np.array(self._dirty_mask(), dtype=bool)
+            mask[dirty] = True
+            dirty = np.flatnonzero(mask)
             self.guest.stop_dirty_log()
         else:
             dirty = self._collect()  # compares with what was sent: finds both
@@ -687,6 +690,9 @@ class Migration:
         return rows
 
     def _collect(self) -> np.ndarray:
+        return np.flatnonzero(self._dirty_mask())
+
+    def _dirty_mask(self) -> np.ndarray:
         if self.tracking is DirtyTracking.LOG:
             mask = self.guest.collect_dirty_log()
             if mask.shape != (self.page_count,):
@@ -694,7 +700,7 @@ class Migration:
         else:
             assert self.sent is not None
             mask = pg.changed_pages(self.mem, self.sent, self._executor)
-        return np.flatnonzero(mask)
+        return mask
 
     # -- measurement and prediction ----------------------------------------------------
 

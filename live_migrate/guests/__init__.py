@@ -29,13 +29,15 @@ def open_source(spec: str) -> SourceGuest:
     )
 
 
-def target_factory(spec: str = "sim", *, keep: bool = False) -> TargetFactory:
+def target_factory(
+    spec: str = "sim", *, keep: bool = False, prealloc: bool = False
+) -> TargetFactory:
     kind = spec.partition(":")[0]
     if kind == "sim":
         from live_migrate.guests.sim import SimTarget
 
         def make(geometry: Geometry) -> TargetGuest:
-            return SimTarget(geometry, keep=keep)
+            return SimTarget(geometry, keep=keep, prealloc=prealloc)
 
         return make
     if kind == "qemu":

@@ -47,8 +47,8 @@ class ReceiverProcess:
 
 
 def start_receiver(*extra: str) -> ReceiverProcess:
-    """Start a receiver on 127.0.0.1 (options: --max-memory BYTES, --keep, --tls-cert
-    F --tls-key F [--tls-client-ca F]) and wait until it listens."""
+    """Start a receiver on 127.0.0.1 (options: --max-memory BYTES, --keep, --prealloc,
+    --no-hash, --tls-cert F --tls-key F [--tls-client-ca F]) and wait until it listens."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(
@@ -87,6 +87,7 @@ def main() -> None:
     p.add_argument("--tls-client-ca")
     p.add_argument("--count", type=int, default=1, help="migrations to receive")
     p.add_argument("--no-hash", action="store_true", help="skip the memory hash (benchmarks)")
+    p.add_argument("--prealloc", action="store_true", help="touch all target memory at creation")
     args = p.parse_args()
     options = ReceiverOptions(hash_memory=not args.no_hash)
     if args.max_memory:
@@ -100,7 +101,7 @@ def main() -> None:
 
     listener = Listener(("127.0.0.1", 0), tls=tls)
     listening(listener.address)
-    factory = target_factory("sim", keep=args.keep)
+    factory = target_factory("sim", keep=args.keep, prealloc=args.prealloc)
     for _ in range(args.count):
         report = serve(listener, factory, options)
         print(json.dumps(dataclasses.asdict(report)), flush=True)
