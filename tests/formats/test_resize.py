@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
 import pytest
 
 import formats
-from formats import partitions
+from formats import partitions, vhd
 from formats.resize import resize
-from tests.external import need_tool, qemu_img
+from tests.external import need_tool, qemu_img, qemu_io
 
 MiB = 1 << 20
 
@@ -108,3 +109,206 @@ def test_other_formats_resize_through_their_own_method_or_refuse_cleanly(gpt_dis
     back = str(tmp_path / "back.raw")
     qemu_img("convert", "-O", "raw", qcow, back)
     assert "No problems found" in run("sgdisk", "-v", back).stdout
+
+
+# -- every writable format ------------------------------------------------------------
+
+#: (format, qemu-img -o options); vpc is read by qemu with the size rule it was made with
+FORMAT_SPECS = [
+    ("raw", ""),
+    ("qcow2", "compat=1.1,cluster_size=65536"),
+    ("vmdk", "subformat=monolithicSparse,adapter_type=lsilogic"),
+    ("vmdk", "subformat=streamOptimized"),
+    ("vmdk", "subformat=monolithicFlat"),
+    ("vmdk", "subformat=twoGbMaxExtentSparse"),
+    ("vmdk", "subformat=twoGbMaxExtentFlat"),
+    ("vpc", "subformat=fixed"),
+    ("vpc", "subformat=dynamic"),
+    ("vpc", "subformat=dynamic,force_size=on"),
+    ("vhdx", "subformat=dynamic,block_size=1M"),
+    ("vhdx", "subformat=fixed"),
+    ("vdi", "static=off"),
+    ("vdi", "static=on"),
+]
+
+#: written by qemu-io near the end of the 32 MiB disk, above partition 2 and below the
+#: GPT backup; and near 24 MiB, what a shrink to 24 MiB keeps
+NEAR_OLD_END = (32 * MiB - 33 * 512 - 64 * 1024, 60 * 1024, 0x5A)
+NEAR_NEW_END = (24 * MiB - 33 * 512 - 8 * 1024, 8 * 1024, 0xA5)
+
+
+def _spec(fmt: str, opts: str, path: str) -> str:
+    """A qemu image-opts string: a VHD's size rule is told, as qemu guesses it otherwise
+    (it reads a fixed VHD as its file size, footer included)."""
+    if fmt != "vpc":
+        return f"driver={fmt},file.filename={path}"
+    calc = "current_size" if "force_size" in opts else "chs"
+    return f"driver=vpc,file.filename={path},force_size_calc={calc}"
+
+
+def _files_digest(img_path: str, fmt: str) -> dict[str, str]:
+    import hashlib
+
+    with formats.open(img_path, fmt) as img:
+        names = img.files()
+    out = {}
+    for n in names:
+        with open(n, "rb") as f:
+            out[n] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _check_after(tmp_path, fmt, opts, path, res, ref_raw):
+    spec = _spec(fmt, opts, path)
+    info = json.loads(qemu_img("info", "--output=json", "--image-opts", spec).stdout)
+    assert info["virtual-size"] == res.new_size
+    if fmt not in ("vpc", "raw"):  # qemu has no check for these; ours runs below
+        qemu_img("check", "-f", fmt, path)
+    with formats.open(path, fmt) as img:
+        assert img.size == res.new_size
+        assert img.check().exit_code == 0
+    # the oracle: the raw reference resized in place (truncated, its GPT moved); qemu-img
+    # compare reads a shorter image as zero-padded: the sizes are checked above
+    qemu_img("compare", "--image-opts", spec, f"driver=raw,file.filename={ref_raw}")
+    back = str(tmp_path / "back.raw")
+    qemu_img("convert", "--image-opts", spec, "-O", "raw", back)
+    assert "No problems found" in run("sgdisk", "-v", back).stdout
+    with open(back, "rb") as f:
+        f.seek(res.new_size - 512)
+        assert f.read(8) == b"EFI PART"  # the backup header is the last sector
+
+
+@pytest.mark.parametrize(("fmt", "opts"), FORMAT_SPECS, ids=[f"{f}-{o}" for f, o in FORMAT_SPECS])
+def test_every_writable_format_grows_and_shrinks_keeping_data_and_gpt(
+    gpt_template, tmp_path, fmt, opts
+):
+    need_tool("qemu-io")
+    src_raw = str(tmp_path / "src.raw")
+    shutil.copyfile(gpt_template, src_raw)
+    for off, n, pat in (NEAR_OLD_END, NEAR_NEW_END):
+        qemu_io("raw", src_raw, f"write -P {pat:#x} {off} {n}")
+    path = str(tmp_path / f"d.{fmt}")
+    qemu_img("convert", "-f", "raw", "-O", fmt, *(["-o", opts] if opts else []), src_raw, path)
+    ref = str(tmp_path / "ref.raw")
+    qemu_img("convert", "--image-opts", _spec(fmt, opts, path), "-O", "raw", ref)
+    old_size = os.path.getsize(ref)
+
+    res = resize(path, 48 * MiB, fmt)
+    assert res.old_size == old_size and res.table == "gpt" and res.gpt_backup_moved
+    assert res.method == ("in-place" if fmt in ("raw", "qcow2") else "rewrite")
+    if fmt == "vpc" and "force_size" not in opts:
+        assert res.new_size == vhd.size_for(48 * MiB, exact=False)[0] > 48 * MiB
+    elif opts == "subformat=streamOptimized":
+        assert res.new_size % (64 * 1024) == 0 and res.new_size - 48 * MiB < 64 * 1024
+    else:
+        assert res.new_size == 48 * MiB
+    resize(ref, res.new_size, "raw")
+    _check_after(tmp_path, fmt, opts, path, res, ref)
+    qemu_io("raw", ref, f"read -P {NEAR_OLD_END[2]:#x} {NEAR_OLD_END[0]} {NEAR_OLD_END[1]}")
+
+    # below partition 2 (it ends at 17 MiB, its backup needs 33 sectors more): refused, untouched
+    before = _files_digest(path, fmt)
+    with pytest.raises(formats.FormatError, match="would cut partition 2"):
+        resize(path, 17 * MiB, fmt)
+    assert _files_digest(path, fmt) == before
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+    res = resize(path, 24 * MiB, fmt)
+    assert res.new_size >= 24 * MiB and res.gpt_backup_moved
+    resize(ref, res.new_size, "raw")
+    _check_after(tmp_path, fmt, opts, path, res, ref)
+    qemu_io("raw", ref, f"read -P {NEAR_NEW_END[2]:#x} {NEAR_NEW_END[0]} {NEAR_NEW_END[1]}")
+    # a multi-file VMDK keeps its usual file names and leaves nothing else behind
+    if fmt == "vmdk":
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("d")) == sorted(
+            os.path.basename(f) for f in _files_digest(path, fmt)
+        )
+
+
+def test_a_bare_image_grows_by_a_few_sectors_and_shrinks_exactly(tmp_path):
+    """No table: the result equals the truncated original byte for byte (and a growth
+    smaller than a GPT backup is not special)."""
+    need_tool("qemu-io")
+    path = str(tmp_path / "b.vhdx")
+    qemu_img("create", "-f", "vhdx", path, "8M")
+    qemu_io("vhdx", path, "write -P 0x77 8064k 128k", "write -P 0x11 0 4k")
+    ref = str(tmp_path / "ref.raw")
+    qemu_img("convert", "-O", "raw", path, ref)
+    for size in (8 * MiB + 4096, 8 * MiB - 64 * 1024):
+        res = resize(path, size, "vhdx")
+        assert res.table is None and res.new_size == size
+        os.truncate(ref, size)
+        info = json.loads(qemu_img("info", "--output=json", path).stdout)
+        assert info["virtual-size"] == size
+        qemu_img("compare", "-f", "vhdx", "-F", "raw", path, ref)
+    assert resize(path, size, "vhdx").method == "rewrite"  # same size: nothing to do
+    with pytest.raises(formats.FormatError, match="needs --shrink"):
+        resize(path, MiB, "vhdx", shrink=False)
+
+
+def test_a_small_growth_of_a_gpt_disk_moves_the_backup_over_the_old_one(gpt_template, tmp_path):
+    path = str(tmp_path / "d.vdi")
+    qemu_img("convert", "-O", "vdi", gpt_template, path)
+    res = resize(path, 32 * MiB + 8 * 512, "vdi")
+    assert res.new_size == 32 * MiB + 4096
+    back = str(tmp_path / "back.raw")
+    qemu_img("convert", "-O", "raw", path, back)
+    assert "No problems found" in run("sgdisk", "-v", back).stdout
+
+
+@pytest.mark.parametrize("fmt", ["vmdk", "vpc", "vhdx"])
+def test_a_differencing_image_keeps_its_parent(tmp_path, fmt):
+    base = str(tmp_path / f"base.{fmt}")
+    child = str(tmp_path / f"child.{fmt}")
+    with formats.create(base, fmt, 4 * MiB, **({"force_size": True} if fmt == "vpc" else {})) as b:
+        b.write(0, b"\x01" * MiB)
+        b.write(3 * MiB, b"\x02" * MiB)
+    extra = {"force_size": True} if fmt == "vpc" else {}
+    with formats.create(child, fmt, 4 * MiB, backing_file=f"base.{fmt}", **extra) as c:
+        c.write(MiB, b"\x03" * 4096)
+
+    def stored(img):
+        # VHD and VHDX copy whole blocks (the engine's grain is the block): count blocks
+        return img.info().get("allocated-blocks", img.actual_size())
+
+    with formats.open(child, fmt) as c:
+        before = stored(c)
+    res = resize(child, 6 * MiB, fmt)
+    assert res.new_size == 6 * MiB and res.method == "rewrite"
+    with formats.open(child, fmt) as c:
+        assert c.backing is not None and os.path.samefile(c.backing.path, base)
+        assert c.read(0, 4096) == b"\x01" * 4096  # still read from the parent
+        assert c.read(MiB, 4096) == b"\x03" * 4096
+        assert c.read(4 * MiB - 4096, 4096) == b"\x02" * 4096
+        assert c.read(4 * MiB, 2 * MiB) == bytes(2 * MiB)
+        assert c.check().exit_code == 0
+        # what the parent holds is not copied into the child
+        assert stored(c) <= before
+    if fmt == "vmdk":
+        info = json.loads(qemu_img("info", "--output=json", child).stdout)
+        assert info["virtual-size"] == 6 * MiB and info["backing-filename"] == "base.vmdk"
+    resize(child, 3 * MiB, fmt)
+    with formats.open(child, fmt) as c:
+        assert c.size == 3 * MiB and c.read(MiB, 4096) == b"\x03" * 4096
+
+
+def test_qcow2_with_internal_snapshots_is_refused_and_untouched(gpt_disk, tmp_path):
+    path = str(tmp_path / "s.qcow2")
+    qemu_img("convert", "-O", "qcow2", gpt_disk, path)
+    qemu_img("snapshot", "-c", "s1", path)
+    before = _files_digest(path, "qcow2")
+    with pytest.raises(formats.UnsupportedFeature, match="snapshot"):
+        resize(path, 64 * MiB)
+    assert _files_digest(path, "qcow2") == before
+
+
+def test_a_vmdk_subformat_we_cannot_write_is_refused(tmp_path):
+    desc = tmp_path / "c.vmdk"
+    (tmp_path / "c-flat.vmdk").write_bytes(bytes(MiB))
+    desc.write_text(
+        '# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="custom"\n'
+        '\nRW 2048 FLAT "c-flat.vmdk" 0\n\nddb.adapterType = "ide"\n'
+    )
+    with pytest.raises(formats.UnsupportedFeature, match="custom"):
+        resize(str(desc), 2 * MiB, "vmdk")
+    assert (tmp_path / "c-flat.vmdk").stat().st_size == MiB
