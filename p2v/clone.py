@@ -42,7 +42,7 @@ from formats.image import Image
 
 from . import inventory, protocol
 from .protocol import AgentConnection, AgentError
-from .remote import BLOCK, RemoteDisk, start_agent
+from .remote import BLOCK, RemoteDisk, RemoteReadError, start_agent
 from .ssh import ConnectOptions, connect
 
 log = logging.getLogger(__name__)
@@ -515,13 +515,35 @@ def verify_image(
 def _agent(options: ConnectOptions, python: str) -> Iterator[AgentConnection]:
     session = connect(options)
     try:
-        conn = start_agent(session, python=python)
+        try:
+            conn = start_agent(session, python=python)
+        except AgentError as exc:
+            if options.sudo and "sudo:" in str(exc):
+                # `sudo -n` never prompts: say which rule is missing rather than leave
+                # "connection lost" as the whole story
+                raise CloneError(
+                    f"{exc}; --sudo needs passwordless sudo (a NOPASSWD rule) for {python} "
+                    f"for {options.user} on the server"
+                ) from exc
+            raise
         try:
             yield conn
         finally:
             conn.close()
     finally:
         session.close()
+
+
+def _open_disk(conn: AgentConnection, path: str, *, compress: bool) -> RemoteDisk:
+    try:
+        return RemoteDisk.open(conn, path, compress=compress)
+    except RemoteReadError as exc:
+        uid = conn.hello.get("uid")
+        if uid not in (None, 0) and "PermissionError" in str(exc):
+            raise CloneError(
+                f"{exc} (the agent runs as uid {uid}: rerun with --sudo, or clone as root)"
+            ) from exc
+        raise
 
 
 def _no_progress(label: str, total: int) -> contextlib.AbstractContextManager:
@@ -631,7 +653,7 @@ def _clone_disk(
         except AgentError as exc:
             log.warning("%s: no snapshot (%s); cloning the live device", source, exc)
     try:
-        disk = RemoteDisk.open(conn, path, compress=opts.compress)
+        disk = _open_disk(conn, path, compress=opts.compress)
         with disk:
             layout = inventory.partition_layout(disk)
             disk.drop_cache()
@@ -825,7 +847,7 @@ def _sync_disk(
     path = os.path.join(outdir, entry["image"])
     out = DiskSync(source=entry["source"], image=path)
     wire0 = conn.bytes_received
-    disk = RemoteDisk.open(conn, entry["source"], compress=opts.compress)
+    disk = _open_disk(conn, entry["source"], compress=opts.compress)
     with disk, formats.open(path, entry["format"], writable=True, allow_backing=False) as img:
         if img.size != disk.size:
             raise CloneError(
