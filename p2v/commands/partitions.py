@@ -32,7 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Set IMAGE's virtual size to SIZE, or change it by +SIZE / -SIZE (suffixes K, M, "
             "G, T as qemu-img). Shrinking needs --shrink and is refused below the end of the "
-            "last partition. A negative size may follow `--`."
+            "last partition. A negative size may follow `--`. raw and qcow2 are resized in "
+            "place; vmdk, vpc, vhdx and vdi are rewritten to IMAGE.partial with the same "
+            "subformat and options (and parent) and renamed over IMAGE, so the free space "
+            "needed is the image's allocated size. A VHD sized by CHS geometry grows to the "
+            "next CHS capacity (as qemu-img create does; force_size images get SIZE exactly); "
+            "streamOptimized VMDKs round up to 64 KiB."
         ),
     )
     p.add_argument("-f", "--format", dest="fmt", help="image format (probed if omitted)")
@@ -103,6 +108,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
     res = resize(args.image, size, args.fmt, shrink=args.shrink)
     if args.output == "json":
         print_json(res)
+    elif res.new_size != size:
+        print(f"Image resized to {res.new_size} bytes ({res.format} rounds {size} up).")
     else:
         print("Image resized.")
     return 0

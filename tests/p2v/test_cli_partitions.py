@@ -90,3 +90,36 @@ def test_partitions_of_a_missing_file_is_one_line_error(tmp_path):
     res = p2v("partitions", str(tmp_path / "nope.img"))
     assert res.returncode == 1
     assert res.stderr.startswith("p2v: error:") and "Traceback" not in res.stderr
+
+
+def test_resize_rewrites_a_vmdk_and_refuses_cutting_a_partition_leaving_it_alone(disk, tmp_path):
+    vmdk = str(tmp_path / "disk.vmdk")
+    p2v("convert", "-f", "raw", "-O", "vmdk", disk, vmdk, check=True)
+    out = json.loads(p2v("resize", "--output", "json", vmdk, "+16M", check=True).stdout)
+    assert out["new-size"] == 64 * MiB and out["method"] == "rewrite" and out["gpt-backup-moved"]
+    back = str(tmp_path / "back.raw")
+    run("qemu-img", "convert", "-O", "raw", vmdk, back)
+    assert "No problems found" in run("sgdisk", "-v", back).stdout
+    before = (tmp_path / "disk.vmdk").read_bytes()
+    res = p2v("resize", "--shrink", vmdk, "32M")
+    assert res.returncode == 1 and "would cut partition 2" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert (tmp_path / "disk.vmdk").read_bytes() == before
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*"))
+
+
+def test_resize_of_a_chs_sized_vhd_says_it_rounded_up(tmp_path):
+    vhd = str(tmp_path / "d.vhd")
+    run("qemu-img", "create", "-f", "vpc", vhd, "8M")
+    text = p2v("resize", vhd, "20M", check=True).stdout
+    assert "rounds 20971520 up" in text
+    info = json.loads(
+        run(
+            "qemu-img",
+            "info",
+            "--output=json",
+            "--image-opts",
+            f"driver=vpc,file.filename={vhd},force_size_calc=chs",
+        ).stdout
+    )
+    assert info["virtual-size"] > 20 * MiB and str(info["virtual-size"]) in text
