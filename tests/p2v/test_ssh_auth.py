@@ -51,7 +51,8 @@ def account():
     if not os.path.exists(PYTHON):
         pytest.fail(f"{PYTHON} is missing: the agent runs with the server's python3")
     name = "p2vt" + secrets.token_hex(4)
-    workdir = tempfile.mkdtemp(prefix="p2v-auth-")
+    # not $TMPDIR: it may sit under a directory the test user cannot enter
+    workdir = tempfile.mkdtemp(prefix="p2v-auth-", dir="/tmp")
     os.chmod(workdir, 0o755)
     home = os.path.join(workdir, "home")
     password = "pw-" + secrets.token_urlsafe(18)
