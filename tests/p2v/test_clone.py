@@ -164,9 +164,9 @@ def test_verify_catches_an_image_that_differs_from_the_server(
 
     def corrupting(self, offset, encoded):
         n, inner = encoded
-        if not hit and isinstance(inner, bytes) and n > 4096:
+        if not hit and isinstance(inner, (bytes, memoryview)) and n > 4096:
             hit.append(offset)
-            inner = bytes([inner[0] ^ 0xFF]) + inner[1:]
+            inner = bytes([inner[0] ^ 0xFF]) + bytes(inner[1:])
         real(self, offset, (n, inner))
 
     monkeypatch.setattr(cloning._OrderedTarget, "write_encoded", corrupting)
