@@ -286,6 +286,8 @@ def creation_options(img: Image, path: str) -> dict[str, Any]:
         if sub != "fixed":
             opts["block_size"] = info["block-size"]
         opts["force_size"] = info["size-source"] == "current-size"
+        # children name their parent by it, Hyper-V and VirtualBox register the disk by it
+        opts["unique_id"] = info["unique-id"]
     elif fmt == "vhdx":
         if info["subformat"] == "fixed":
             opts["subformat"] = "fixed"
@@ -294,6 +296,7 @@ def creation_options(img: Image, path: str) -> dict[str, Any]:
         opts["logical_sector_size"] = info["logical-sector-size"]
     elif fmt == "vdi":
         opts["subformat"] = info["subformat"]
+        opts["uuid"] = info["uuid"]  # VirtualBox's media registry knows the disk by it
         if info["block-size"] != 1 << 20:
             log.warning(
                 "%s: rewritten with 1 MiB blocks (was %d): the only size we create",

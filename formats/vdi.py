@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+import uuid as _uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -471,9 +472,11 @@ def create(
     final_path: str | None = None,
     static: bool | str | None = None,
     subformat: str | None = None,
+    uuid: str | None = None,
     **options: Any,
 ) -> Image:
-    """Create a VDI; `static=on` (qemu's name) or `subformat=static` preallocates it."""
+    """Create a VDI; `static=on` (qemu's name) or `subformat=static` preallocates it.
+    `uuid` keeps a rewritten disk's identity (VirtualBox registers media by it)."""
     if options:
         raise FormatError(f"vdi: unknown options {', '.join(sorted(options))}")
     is_static = False
@@ -486,6 +489,10 @@ def create(
         if subformat is not None and flag != is_static:
             raise FormatError("vdi: static and subformat disagree")
         is_static = flag
+    try:
+        image_id = _uuid.UUID(uuid) if uuid is not None else _uuid.uuid4()
+    except ValueError:
+        raise FormatError(f"vdi: invalid uuid {uuid!r}") from None
     size = -(-size // SECTOR) * SECTOR
     bs = DEFAULT_BLOCK_SIZE
     blocks = -(-size // bs)
@@ -510,8 +517,8 @@ def create(
         "cbBlockExtra": 0,
         "cBlocks": blocks,
         "cBlocksAllocated": blocks if is_static else 0,
-        "uuidCreate": uuid.uuid4().bytes_le,
-        "uuidModify": uuid.uuid4().bytes_le,
+        "uuidCreate": image_id.bytes_le,
+        "uuidModify": _uuid.uuid4().bytes_le,
         "uuidLinkage": bytes(16),
         "uuidParentModify": bytes(16),
         "LCHSGeometry": {"cCylinders": 0, "cHeads": 0, "cSectors": 0, "cbSector": SECTOR},

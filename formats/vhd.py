@@ -827,7 +827,9 @@ def _open_parent(path: str, header, candidates: list[str], policy: BackingPolicy
 # creating
 
 
-def _new_footer(size: int, chs: tuple[int, int, int], disk_type: int, *, exact: bool) -> dict:
+def _new_footer(
+    size: int, chs: tuple[int, int, int], disk_type: int, *, exact: bool, uid: bytes | None = None
+) -> dict:
     c, h, s = chs
     return {
         "cookie": FOOTER_COOKIE,
@@ -843,7 +845,7 @@ def _new_footer(size: int, chs: tuple[int, int, int], disk_type: int, *, exact: 
         "disk_geometry": {"cylinders": c, "heads": h, "sectors_per_track": s},
         "disk_type": disk_type,
         "checksum": 0,
-        "unique_id": uuid.uuid4().bytes,
+        "unique_id": uid or uuid.uuid4().bytes,
         "saved_state": 0,
         "reserved": bytes(427),
     }
@@ -860,10 +862,13 @@ def create(
     backing_file: str | None = None,
     backing_fmt: str | None = None,
     block_size: int | str | None = None,
+    unique_id: str | None = None,
     **options: Any,
 ) -> Image:
     """Create a VHD. `force_size` keeps the size exact (qemu's option; the footer then says
-    `qem2`); `cloud` makes an Azure disk: fixed, its size rounded up to a whole MiB."""
+    `qem2`); `cloud` makes an Azure disk: fixed, its size rounded up to a whole MiB.
+    `unique_id` (a UUID) keeps a rewritten disk's identity: differencing children and
+    hypervisors' registries know a disk by it."""
     if options:
         raise FormatError(f"vpc: unknown options {', '.join(sorted(options))}")
     exact = parse_bool(force_size, "force_size")
@@ -891,15 +896,26 @@ def create(
         raise FormatError(f"vpc: {size} bytes is larger than the VHD maximum of 2040 GiB")
     # creator "qem2" only where the size is not the CHS capacity: elsewhere both agree
     exact = exact and vsize != chs_bytes(chs)
+    try:
+        uid = uuid.UUID(unique_id).bytes if unique_id is not None else None
+    except ValueError:
+        raise FormatError(f"vpc: invalid unique_id {unique_id!r}") from None
     if subformat == "fixed":
-        return _create_fixed(path, vsize, chs, exact=exact)
+        return _create_fixed(path, vsize, chs, exact=exact, uid=uid)
     return _create_sparse(
-        path, vsize, chs, bsize, exact=exact, backing_file=backing_file, final_path=final_path
+        path,
+        vsize,
+        chs,
+        bsize,
+        exact=exact,
+        backing_file=backing_file,
+        final_path=final_path,
+        uid=uid,
     )
 
 
-def _create_fixed(path: str, size: int, chs, *, exact: bool) -> Image:
-    fields = _new_footer(size, chs, DISK_FIXED, exact=exact)
+def _create_fixed(path: str, size: int, chs, *, exact: bool, uid: bytes | None = None) -> Image:
+    fields = _new_footer(size, chs, DISK_FIXED, exact=exact, uid=uid)
     raw = with_checksum(Footer, fields, FOOTER_CHECKSUM_AT)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
@@ -925,6 +941,7 @@ def _create_sparse(
     exact: bool,
     backing_file: str | None,
     final_path: str | None,
+    uid: bytes | None = None,
 ) -> Image:
     entries = max(1, -(-size // block_size))
     table_offset = FOOTER_SIZE + HEADER_SIZE
@@ -980,7 +997,7 @@ def _create_sparse(
         "reserved2": bytes(256),
     }
     hraw = with_checksum(DynamicHeader, header_fields, HEADER_CHECKSUM_AT)
-    fields = _new_footer(size, chs, disk_type, exact=exact)
+    fields = _new_footer(size, chs, disk_type, exact=exact, uid=uid)
     fraw = with_checksum(Footer, fields, FOOTER_CHECKSUM_AT)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:

@@ -193,6 +193,9 @@ def test_every_writable_format_grows_and_shrinks_keeping_data_and_gpt(
     qemu_img("convert", "--image-opts", _spec(fmt, opts, path), "-O", "raw", ref)
     old_size = os.path.getsize(ref)
 
+    ident = {"vpc": "unique-id", "vdi": "uuid"}.get(fmt)
+    with formats.open(path, fmt) as img:
+        identity = img.info().get(ident) if ident else None
     res = resize(path, 48 * MiB, fmt)
     assert res.old_size == old_size and res.table == "gpt" and res.gpt_backup_moved
     assert res.method == ("in-place" if fmt in ("raw", "qcow2") else "rewrite")
@@ -205,6 +208,9 @@ def test_every_writable_format_grows_and_shrinks_keeping_data_and_gpt(
     resize(ref, res.new_size, "raw")
     _check_after(tmp_path, fmt, opts, path, res, ref)
     qemu_io("raw", ref, f"read -P {NEAR_OLD_END[2]:#x} {NEAR_OLD_END[0]} {NEAR_OLD_END[1]}")
+    if ident:  # the rewritten disk is still the same disk to a hypervisor
+        with formats.open(path, fmt) as img:
+            assert img.info()[ident] == identity
 
     # below partition 2 (it ends at 17 MiB, its backup needs 33 sectors more): refused, untouched
     before = _files_digest(path, fmt)
