@@ -196,10 +196,12 @@ def _write_gpt(img: Image, table: PartitionTable, new_size: int) -> None:
 # -- rewriting ------------------------------------------------------------------------
 
 
-def _resize_rewrite(image_path: str, new_size: int, fmt: str, shrink: bool) -> ResizeResult:
+def _resize_rewrite(path: str, new_size: int, fmt: str, shrink: bool) -> ResizeResult:
+    # a symlink stays one: the image it points to is what is replaced
+    image_path = os.path.realpath(path)
     with open_image(image_path, fmt) as src:
         old = src.size
-        result = ResizeResult(image_path, src.format, old, new_size, method="rewrite")
+        result = ResizeResult(path, src.format, old, new_size, method="rewrite")
         opts = creation_options(src, image_path)
         table = _plan(src, image_path, new_size, shrink, result)
         if new_size == old:

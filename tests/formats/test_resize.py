@@ -248,6 +248,12 @@ def test_a_bare_image_grows_by_a_few_sectors_and_shrinks_exactly(tmp_path):
         assert info["virtual-size"] == size
         qemu_img("compare", "-f", "vhdx", "-F", "raw", path, ref)
     assert resize(path, size, "vhdx").method == "rewrite"  # same size: nothing to do
+    link = tmp_path / "link.vhdx"
+    link.symlink_to("b.vhdx")
+    resize(str(link), 9 * MiB, "vhdx")
+    assert link.is_symlink()
+    with formats.open(path, "vhdx") as img:
+        assert img.size == 9 * MiB
     with pytest.raises(formats.FormatError, match="needs --shrink"):
         resize(path, MiB, "vhdx", shrink=False)
 
