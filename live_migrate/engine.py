@@ -72,9 +72,17 @@ class MigrationOptions:
 
     max_downtime: float = 0.300  # seconds; QEMU's downtime-limit
     max_bandwidth: float | None = None  # bytes/s for all channels together; None: no cap
+    # the cap shares a link while the guest runs; paused, the guest waits for every byte,
+    # so QEMU sends its final stage unlimited, and so does this unless told otherwise
+    cap_switch_over: bool = False
     max_rounds: int = 30  # Clark et al. stop after about 30 rounds
     max_time: float = 600.0  # seconds before switch-over, then abort
     auto_converge: bool = False
+    # once the prediction fits, rounds go on while each dirties less than half of what it
+    # sent and the last transfer would still take more than this fraction of
+    # max_downtime: such rounds are short and cost the guest nothing, the downtime does.
+    # 0 switches over at the first fit, as QEMU does
+    final_transfer_goal: float = 0.05
     throttle_initial: float = 0.20
     throttle_increment: float = 0.10
     throttle_max: float = 0.99
@@ -133,6 +141,7 @@ class Migration:
         self.progress = progress
         self._sm = StateMachine()
         limiter = RateLimiter(self.options.max_bandwidth) if self.options.max_bandwidth else None
+        self._limiter = limiter
         self.channels = [
             Channel(LimitedStream(s, limiter) if limiter else s, i) for i, s in enumerate(streams)
         ]
@@ -255,7 +264,8 @@ class Migration:
         # what the destination holds: needed to scan, and to send deltas against
         self.sent: np.ndarray | None = None
         if self.tracking is DirtyTracking.SCAN or self._delta:
-            self.sent = np.zeros_like(self.mem)  # calloc: pages materialise when sent
+            # np.zeros is calloc: pages materialise when sent (zeros_like writes them all)
+            self.sent = np.zeros(self.mem.shape, dtype=self.mem.dtype)
         self._sent_zero = np.ones(self.page_count, dtype=bool)  # rows of `sent` known zero
         # a delta is worth it when it is at most half a page (masks included)
         self.max_delta_words = (self.page_size // 2 - wire.delta_mask_bytes(self.page_size)) // 8
@@ -312,10 +322,15 @@ class Migration:
                 )
             )
             self._notify(round_no, dirty_bytes, dirty_rate, expected)
-            if expected <= opts.max_downtime or not len(dirty):
+            if not len(dirty):
                 # with nothing dirty, more rounds cannot shorten the pause: what is left
                 # (a final scan, two round trips) is the floor, reported as expected
                 return dirty
+            if expected <= opts.max_downtime:
+                shrinking = len(dirty) <= stats.pages / 2
+                goal = opts.final_transfer_goal * opts.max_downtime
+                if not goal or not shrinking or self._transfer_time(len(dirty)) <= goal:
+                    return dirty
             self._check()
             elapsed = time.monotonic() - t0
             if elapsed > opts.max_time:
@@ -350,6 +365,8 @@ class Migration:
         self._paused_at = time.time()
         self.guest.pause()
         self._source_running = False
+        if self._limiter is not None and not self.options.cap_switch_over:
+            self._limiter.enabled = False
         phase("pause")
         if self.tracking is DirtyTracking.LOG:
             # what the last round left, and what was written since its collection (a
@@ -722,11 +739,14 @@ class Migration:
         downtime over the limit costs more than one round more), the final collection
         (a full scan in scan mode, a log flip otherwise), the memory digest on both
         sides, and END -> ACK, GO -> RESUMED: two round trips."""
+        fixed = scan_time + 2 * self._digest_time + 2 * self._latency
+        return self._transfer_time(dirty_pages) + fixed
+
+    def _transfer_time(self, dirty_pages: int) -> float:
         bandwidth = max(min(self._bandwidths, default=0.0), 1.0)
         if self.options.max_bandwidth:
             bandwidth = min(bandwidth, self.options.max_bandwidth)
-        remaining = dirty_pages * self.page_size * self._wire_ratio
-        return remaining / bandwidth + scan_time + 2 * self._digest_time + 2 * self._latency
+        return dirty_pages * self.page_size * self._wire_ratio / bandwidth
 
     def _diagnosis(self, dirty_rate: float, expected: float) -> str:
         tip = "" if self.options.auto_converge else "; try --auto-converge"

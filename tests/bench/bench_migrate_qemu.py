@@ -17,7 +17,7 @@ Figures:
 - bytes: on the wire (QEMU's `ram.transferred` plus its device state; p2v's bytes sent).
 
 Usage: python tests/bench/bench_migrate_qemu.py [--ram MiB] [--mem MiB] [--rates 0,20,100]
-       [--cap BYTES_PER_S] [--downtime MS] [--compress zstd|lz4|none]
+       [--cap BYTES_PER_S] [--downtime MS] [--compress zstd|lz4|none] [--no-delta]
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ class Run:
     rounds: int = 0
     ok: bool = True
     note: str = ""
+    setup: float | None = None  # p2v: handshake, destination target ready
+    steps: dict = dataclasses.field(default_factory=dict)  # p2v: the downtime's steps
+    round_times: list = dataclasses.field(default_factory=list)  # p2v: (pages, s, scan s)
 
 
 def _boot(source_spec, *, attach: bool):
@@ -85,12 +88,14 @@ def run_p2v(image, args, rate: int, hosts: Hosts) -> Run:
     work = Workdir()
     spec = guest_spec(image, work, "src", ram_mib=args.ram, mem_mib=args.mem, rate_mb=rate)
     source, _ = _boot(spec, attach=True)
-    dest = start_destination(hosts, work, destination_spec(spec, work))
+    # the destination QEMU runs before the migration starts, as QEMU's own does
+    dest = start_destination(hosts, work, destination_spec(spec, work), attach=True)
     try:
         options = MigrationOptions(
             max_downtime=args.downtime / 1000,
             max_bandwidth=args.cap,
             compress=None if args.compress == "none" else args.compress,
+            delta=args.delta,
             max_time=300,
         )
         report = migrate(source, hosts, dest, options)
@@ -113,6 +118,11 @@ def run_p2v(image, args, rate: int, hosts: Hosts) -> Run:
             rounds=len(report.rounds),
             ok=ok,
             note=report.error or "",
+            setup=report.setup_time,
+            steps={k: round(v, 4) for k, v in report.switch_over.items()},
+            round_times=[
+                (r.pages_sent, round(r.duration, 3), round(r.scan_time, 3)) for r in report.rounds
+            ],
         )
     finally:
         dest.cleanup()
@@ -197,6 +207,13 @@ def main() -> int:
     ap.add_argument("--cap", type=float, default=125e6, help="bandwidth cap, bytes/s")
     ap.add_argument("--downtime", type=float, default=300, help="downtime limit, ms")
     ap.add_argument("--compress", default="none", choices=("none", "zstd", "lz4"))
+    ap.add_argument(
+        "--no-delta",
+        dest="delta",
+        action="store_false",
+        help="resend dirty pages whole (default: as word deltas against the copy the scan "
+        "keeps anyway, XBZRLE's idea; QEMU's xbzrle stays off, its default)",
+    )
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     image = build()
@@ -218,7 +235,8 @@ def main() -> int:
     lines = [
         f"Guest: {args.ram} MiB RAM ({image.accel.upper()}), {args.mem} MiB of random data "
         f"dirtied at the given rate; cap {args.cap / 1e6:.0f} MB/s, downtime limit "
-        f"{args.downtime:.0f} ms, loopback TCP, p2v compression {args.compress}. "
+        f"{args.downtime:.0f} ms, loopback TCP, p2v compression {args.compress}, p2v "
+        f"deltas {'on' if args.delta else 'off'} (QEMU: its defaults, no xbzrle). "
         "Downtime = source paused -> destination resumed (wall clock); QEMU's own figure "
         "(end of sending) in brackets; scan = p2v's final scan while paused.",
         "",

@@ -138,6 +138,34 @@ def test_bandwidth_cap_is_respected(migrate_sim) -> None:
     assert first.bandwidth > cap * 0.4  # a loaded machine may not even reach the cap
 
 
+@pytest.mark.parametrize("capped", [False, True], ids=["final-uncapped", "final-capped"])
+def test_the_cap_is_lifted_while_the_guest_is_paused(migrate_sim, capped: bool) -> None:
+    # QEMU sends its final stage unlimited: a paused guest waits for every byte
+    cap = 10e6
+    spec = "sim:16M,workload=hotset,hot=2M,skew=1,rate=20M,fill=random"
+    report, *rest = migrate_sim(spec, max_bandwidth=cap, cap_switch_over=capped)
+    check_completed(report, *rest)
+    final = report.rounds[-1]
+    assert final.bytes_sent > 200e3, "the final round carries hot pages"
+    assert report.rounds[0].bandwidth < cap * 1.05
+    if capped:
+        assert final.bandwidth < cap * 1.3  # within a 20 ms burst
+    else:
+        assert final.bandwidth > cap * 2
+
+
+def test_rounds_go_on_while_they_halve(migrate_sim) -> None:
+    spec = "sim:32M,workload=hotset,hot=4M,skew=1,rate=20M,fill=random"
+    options = dict(max_bandwidth=40e6, max_downtime=1.0)
+    first, *_ = migrate_sim(spec, final_transfer_goal=0, **options)
+    check_completed(first, *_)
+    assert len(first.rounds) == 2, "QEMU's rule: the first round that fits switches over"
+    more, *rest = migrate_sim(spec, **options)
+    check_completed(more, *rest)
+    assert len(more.rounds) > 2
+    assert more.rounds[-1].pages_sent < first.rounds[-1].pages_sent
+
+
 def test_write_heavy_guest_converges_only_with_auto_converge(migrate_sim) -> None:
     # writes at 3x the link: no round ever gets smaller without a throttle
     spec = "sim:8M,workload=uniform,rate=60M,fill=random"

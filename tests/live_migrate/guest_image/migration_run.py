@@ -80,6 +80,7 @@ def start_destination(
     fault: str = "",
     name: str = "dst",
     snapshot: bool = False,
+    attach: bool = False,
 ) -> Destination:
     spec_path = work.file(f"{name}.spec.json")
     with open(spec_path, "w") as f:
@@ -103,6 +104,8 @@ def start_destination(
         cmd += ["--fault", fault]
     if snapshot:
         cmd.append("--snapshot")
+    if attach:
+        cmd.append("--attach")
     env = dict(os.environ, PYTHONPATH=REPO)
     with open(work.file(f"{name}.stderr"), "w") as err:
         process = subprocess.Popen(

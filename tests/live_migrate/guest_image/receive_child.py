@@ -1,7 +1,7 @@
 """The destination host of the QEMU migration tests: a receiver in its own process.
 
     python -m tests.live_migrate.guest_image.receive_child --listen ADDR:PORT \
-        --spec SPEC.json --report REPORT.json [--fault WHAT@PHASE] [--snapshot]
+        --spec SPEC.json --report REPORT.json [--fault WHAT@PHASE] [--snapshot] [--attach]
 
 It listens (port 0 picks one), prints ``listening PORT``, receives one migration into a
 destination QEMU launched from the spec (a `QemuSpec` as JSON), prints ``qemu PID`` when
@@ -27,7 +27,7 @@ import numpy as np
 
 from live_migrate.guest import Geometry
 from live_migrate.guests.qemu import QemuTarget
-from live_migrate.qemu_launcher import QemuSpec
+from live_migrate.qemu_launcher import QemuProcess, QemuSpec
 from live_migrate.receiver import ReceiverOptions, serve
 from live_migrate.transport import Listener, parse_address
 
@@ -68,6 +68,12 @@ def main() -> int:
     ap.add_argument("--report", required=True)
     ap.add_argument("--fault", default="")
     ap.add_argument(
+        "--attach",
+        action="store_true",
+        help="start the destination QEMU before listening and attach to it at the "
+        "handshake, as `p2v receive --qemu` does with a QEMU the user started",
+    )
+    ap.add_argument(
         "--snapshot",
         action="store_true",
         help="copy the RAM at resume and report its hash (adds a memcpy to the downtime)",
@@ -77,9 +83,23 @@ def main() -> int:
         spec = QemuSpec(**json.load(f))
     targets: list[ObservedTarget] = []
 
+    started: QemuProcess | None = None
+    created = False
+    if args.attach:
+        spec = dataclasses.replace(spec, incoming=True)
+        created = not os.path.exists(spec.ram_path)
+        with open(spec.ram_path, "ab") as f:
+            f.truncate(spec.ram_size)
+        started = QemuProcess(spec)
+
     def factory(geometry: Geometry) -> ObservedTarget:
         ObservedTarget.fault = args.fault
-        target = ObservedTarget.launch(spec, geometry)
+        if started is not None:
+            target = ObservedTarget(
+                spec.qmp_socket, spec.ram_path, geometry, process=started, owns_ram_file=created
+            )
+        else:
+            target = ObservedTarget.launch(spec, geometry)
         if args.snapshot:
             # allocated (and touched) now, so that the copy at resume is a plain memcpy
             target.snapshot = np.zeros(geometry.memory_size, dtype=np.uint8)
@@ -93,6 +113,8 @@ def main() -> int:
     with Listener(parse_address(args.listen)) as listener:
         print(f"listening {listener.address[1]}", flush=True)
         report = serve(listener, factory, ReceiverOptions())
+    if started is not None and not targets:
+        started.kill()  # no migration came: the QEMU started for it must not linger
     out = dataclasses.asdict(report)
     if targets and targets[0].resumed and targets[0].snapshot is not None:
         # hashed only now: inside resume() it would delay RESUMED, and the downtime
