@@ -98,11 +98,24 @@ def delta_encode(
 
 
 def delta_apply(
-    target: np.ndarray, pages: np.ndarray, masks: np.ndarray, values: np.ndarray
+    target: np.ndarray,
+    pages: np.ndarray,
+    masks: np.ndarray,
+    values: np.ndarray,
+    fp: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
 ) -> None:
-    """Write delta-encoded words into rows `pages` of `target` (in place)."""
+    """Write delta-encoded words into rows `pages` of `target` (in place), word by word:
+    the rest of each page is neither read nor copied. With `fp` and `weights`, update
+    the pages' fingerprints from the words changed (the fingerprint is linear: each
+    word adds weight x word)."""
     words = target.shape[1]
-    sel = np.unpackbits(masks, axis=1, count=words, bitorder="little").astype(bool)
-    rows = target[pages]
-    rows[sel] = values
-    target[pages] = rows
+    bits = np.unpackbits(masks, axis=1, count=words, bitorder="little")
+    rows, cols = np.nonzero(bits)  # row after row, words in order: as `values` come
+    flat = target.reshape(-1)
+    where = pages[rows].astype(np.intp) * words + cols
+    if fp is not None and weights is not None:
+        with np.errstate(over="ignore"):
+            change = weights[cols] * (values - flat[where])
+        np.add.at(fp, pages[rows], change)
+    flat[where] = values

@@ -356,9 +356,8 @@ class Receiver:
                 data, dtype=np.uint64, count=batch.delta_words, offset=off + n_delta * mb
             )
             where = pages[kinds == PageKind.DELTA]
-            pg.delta_apply(mem, where, masks, values)
+            pg.delta_apply(mem, where, masks, values, fp, self.weights)
             self.known_zero[where] = False
-            fp[where] = pg.fingerprints(mem[where], self.weights)
         with self._lock:
             self._pages += len(pages)
             self._counts.zero += n_zero

@@ -24,9 +24,13 @@ def test_delta_encode_then_apply_gives_the_new_pages(seed: int, n: int, changes:
     counts = (new != old).sum(axis=1)
     assert use.tolist() == (counts <= 200).tolist()
     target = old.copy()
-    pg.delta_apply(target, np.flatnonzero(use), masks, values)
+    w = pg.fingerprint_weights(4096)
+    fp = pg.fingerprints(old, w)
+    pg.delta_apply(target, np.flatnonzero(use), masks, values, fp, w)
     assert (target[use] == new[use]).all()
     assert (target[~use] == old[~use]).all()
+    # updated from the changed words only, the fingerprints are those of the pages
+    assert (fp == pg.fingerprints(target, w)).all()
 
 
 def test_fingerprints_change_with_any_word_and_are_zero_for_zero_pages() -> None:
