@@ -4,10 +4,16 @@ streamOptimized, read and (uncompressed) written in place.
 Spec: "Virtual Disk Format 5.0", "Hosted Sparse Extents" and "Stream-Optimized Compressed
 Sparse Extents". Grain tables are '<u4' numpy arrays loaded on demand, adjacent tables with
 one read; grains that follow each other in the file are read or written with one call.
+
+A huge extent (qemu-img makes them up to 128 TiB: 8 GiB of preallocated, mostly unwritten
+grain tables) costs memory and time for its data, not its size: a read-only extent caches
+at most CACHE_BYTES of tables, and tables lying in holes of the file (or never allocated)
+are known to be empty without being read.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import threading
@@ -42,6 +48,53 @@ from .extent import (
 READ_SPAN = 4 << 20
 #: the most grain tables read with one system call (8 MiB of 512-entry tables)
 MAX_TABLE_READ = 4096
+#: grain tables a read-only extent keeps (a writable one keeps those it may change)
+CACHE_BYTES = 32 << 20
+#: past this many data segments the file's holes are not worth mapping: tables are read
+MAX_SEGMENTS = 1 << 16
+
+
+def _data_segments(fd: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(starts, ends) of the file's data, from SEEK_DATA/SEEK_HOLE; None when the
+    filesystem cannot tell or the file is too fragmented to be worth it."""
+    starts: list[int] = []
+    ends: list[int] = []
+    end = file_size(fd)
+    pos = 0
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole remains
+                break
+            return None
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        starts.append(data)
+        ends.append(hole)
+        if len(starts) > MAX_SEGMENTS:
+            return None
+        pos = hole
+    return np.array(starts, np.int64), np.array(ends, np.int64)
+
+
+def _in_holes(fd: int, sectors: np.ndarray, length: int) -> np.ndarray:
+    """Which of the ranges [sector * 512, + length) lie wholly in holes of the file,
+    so read as zeros without being read (all False when holes cannot be known)."""
+    segments = _data_segments(fd)
+    if segments is None or not len(sectors):
+        return np.zeros(len(sectors), bool)
+    starts, ends = segments
+    holes = np.ones(len(sectors), bool)
+    if not len(starts):
+        return holes
+    for at in range(0, len(sectors), 1 << 20):  # a piece at a time: millions of tables
+        offs = sectors[at : at + (1 << 20)].astype(np.int64) * L.SECTOR
+        # the first data segment ending after a range's start is the only one to test
+        i = np.searchsorted(ends, offs, side="right")
+        hit = i < len(starts)
+        hit[hit] = starts[i[hit]] < offs[hit] + length
+        holes[at : at + len(offs)] = ~hit
+    return holes
 
 
 class SparseExtent(ExtentFile):
@@ -77,6 +130,14 @@ class SparseExtent(ExtentFile):
         if header.flags & L.FLAG_REDUNDANT_GT and header.rgdOffset and not self.compressed:
             self.rgd = self._read_directory(header.rgdOffset, "redundant grain directory")
         self._tables: dict[int, np.ndarray] = {}
+        self._zero_table = np.zeros(self.per_gt, np.uint32)
+        self._zero_table.flags.writeable = False  # written to only through a copy
+        self._cache_limit = max(CACHE_BYTES // self.gt_bytes, 2 * (MAP_WINDOW // self.per_gt + 1))
+        #: tables known to hold only zeros (never allocated, or in a hole of the file);
+        #: only for a read-only extent, whose tables cannot change under it
+        self._hollow: np.ndarray | None = None
+        if not writable:
+            self._hollow = (self.gd == 0) | _in_holes(fd, self.gd, self.gt_bytes)
         self._lock = threading.Lock()
         self._dirty_tables: set[int] = set()
         self._dirty_directory = False
@@ -94,7 +155,12 @@ class SparseExtent(ExtentFile):
         gd = np.frombuffer(
             pread_exact(self.fd, n, offset * L.SECTOR, f"vmdk: {self.path}"), "<u4"
         ).astype(np.uint32)
-        bad = np.flatnonzero(gd.astype(np.uint64) * L.SECTOR + self.gt_bytes > self.file_end)
+        # compared in sectors: no 64-bit copy of a directory that may hold millions
+        last = (self.file_end - self.gt_bytes) // L.SECTOR
+        if last < 0:
+            bad = np.arange(len(gd))
+        else:
+            bad = np.flatnonzero(gd > np.uint32(min(last, 0xFFFF_FFFF)))
         if len(bad):
             k = int(bad[0])
             raise CorruptImage(
@@ -103,41 +169,58 @@ class SparseExtent(ExtentFile):
             )
         return gd
 
-    def _load(self, first: int, last: int, validate: bool = True) -> None:
-        """Bring grain tables first..last into the cache; tables that follow each other in
-        the file are read with one system call."""
-        want = [k for k in range(first, last + 1) if k not in self._tables]
-        if not want:
-            return
+    def _load(self, first: int, last: int, validate: bool = True) -> list[np.ndarray]:
+        """Grain tables first..last, through the cache; tables that follow each other in
+        the file are read with one system call. The list stays valid when another thread
+        evicts them from the cache."""
+        cache = self._tables
+        try:
+            return [cache[k] for k in range(first, last + 1)]
+        except KeyError:
+            pass
         with self._lock:
-            want = [k for k in want if k not in self._tables]
-            ks = np.array(want, dtype=np.int64)
-            offs = self.gd[ks].astype(np.int64)
-            for k in ks[offs == 0].tolist():
-                self._tables[k] = np.zeros(self.per_gt, np.uint32)
-            ks, offs = ks[offs != 0], offs[offs != 0]
-            if not len(ks):
-                return
-            order = np.argsort(offs, kind="stable")
-            ks, offs = ks[order], offs[order]
-            # one read per run of adjacent tables, at most MAX_TABLE_READ tables long
-            breaks = np.flatnonzero(np.diff(offs) != self.gt_sectors) + 1
-            cuts = np.arange(MAX_TABLE_READ, len(offs), MAX_TABLE_READ)
-            breaks = np.union1d(breaks, cuts)
-            for group_k, group_o in zip(np.split(ks, breaks), np.split(offs, breaks)):
-                count = len(group_k)
-                raw = pread_exact(
-                    self.fd,
-                    count * self.gt_sectors * L.SECTOR,
-                    int(group_o[0]) * L.SECTOR,
-                    f"vmdk: {self.path}: grain table",
-                )
-                tables = np.frombuffer(raw, "<u4").reshape(count, -1)[:, : self.per_gt]
-                tables = tables.astype(np.uint32)
-                if validate:
-                    self._validate(group_k, tables)
-                for k, t in zip(group_k.tolist(), tables):
-                    self._tables[k] = t
+            out: dict[int, np.ndarray] = {}
+            want = []
+            for k in range(first, last + 1):
+                table = cache.get(k)
+                if table is None and self._hollow is not None and self._hollow[k]:
+                    table = self._zero_table  # not cached: it costs nothing to know
+                elif table is None and self.gd[k] == 0:
+                    table = cache[k] = self._zero_table
+                if table is None:
+                    want.append(k)
+                else:
+                    out[k] = table
+            if want:
+                self._read_tables(np.array(want, dtype=np.int64), out, validate)
+            if self._hollow is not None and len(cache) > self._cache_limit:
+                for k in list(itertools.islice(cache, len(cache) - self._cache_limit)):
+                    del cache[k]  # the oldest first; a read-only extent has none dirty
+            return [out[k] for k in range(first, last + 1)]
+
+    def _read_tables(self, ks: np.ndarray, out: dict[int, np.ndarray], validate: bool) -> None:
+        """Read tables `ks` (all allocated) into `out` and the cache."""
+        offs = self.gd[ks].astype(np.int64)
+        order = np.argsort(offs, kind="stable")
+        ks, offs = ks[order], offs[order]
+        # one read per run of adjacent tables, at most MAX_TABLE_READ tables long
+        breaks = np.flatnonzero(np.diff(offs) != self.gt_sectors) + 1
+        cuts = np.arange(MAX_TABLE_READ, len(offs), MAX_TABLE_READ)
+        breaks = np.union1d(breaks, cuts)
+        for group_k, group_o in zip(np.split(ks, breaks), np.split(offs, breaks)):
+            count = len(group_k)
+            raw = pread_exact(
+                self.fd,
+                count * self.gt_sectors * L.SECTOR,
+                int(group_o[0]) * L.SECTOR,
+                f"vmdk: {self.path}: grain table",
+            )
+            tables = np.frombuffer(raw, "<u4").reshape(count, -1)[:, : self.per_gt]
+            tables = tables.astype(np.uint32)
+            if validate:
+                self._validate(group_k, tables)
+            for k, t in zip(group_k.tolist(), tables):
+                self._tables[k] = out[k] = t
 
     def _grain_limit(self) -> int:
         """Bytes a grain entry needs before the end of file."""
@@ -156,10 +239,9 @@ class SparseExtent(ExtentFile):
     def _gtes(self, g0: int, g1: int) -> np.ndarray:
         """Grain table entries of grains g0..g1-1 (a copy when it spans tables)."""
         k0, k1 = g0 // self.per_gt, (g1 - 1) // self.per_gt
-        self._load(k0, k1)
+        parts = self._load(k0, k1)
         if k0 == k1:
-            return self._tables[k0][g0 - k0 * self.per_gt : g1 - k0 * self.per_gt]
-        parts = [self._tables[k] for k in range(k0, k1 + 1)]
+            return parts[0][g0 - k0 * self.per_gt : g1 - k0 * self.per_gt]
         flat = np.concatenate(parts)
         return flat[g0 - k0 * self.per_gt : g1 - k0 * self.per_gt]
 
@@ -183,6 +265,17 @@ class SparseExtent(ExtentFile):
         last = -(-end // self.grain)
         while g < last:
             stop = min(last, g + MAP_WINDOW)
+            if self._empty(g, stop):
+                # a run of windows whose tables are all empty is one step, unread
+                first = g
+                while g < last and self._empty(g, min(last, g + MAP_WINDOW)):
+                    g = min(last, g + MAP_WINDOW)
+                yield (
+                    max(first * self.grain, start),
+                    min(g * self.grain, end) - max(first * self.grain, start),
+                    UNALLOCATED,
+                )
+                continue
             st = gte_states(self._gtes(g, stop))
             for first, count, value in runs(st):
                 s = max((g + first) * self.grain, start)
@@ -190,6 +283,12 @@ class SparseExtent(ExtentFile):
                 if s < e:
                     yield s, e - s, value
             g = stop
+
+    def _empty(self, g0: int, g1: int) -> bool:
+        """Grains g0..g1-1 are mapped by tables known to be empty."""
+        if self._hollow is None:
+            return False
+        return bool(self._hollow[g0 // self.per_gt : (g1 - 1) // self.per_gt + 1].all())
 
     def _pieces(self, offset: int, n: int) -> Iterator[tuple[int, int, int, int]]:
         g0, g1 = offset // self.grain, -(-(offset + n) // self.grain)
@@ -393,24 +492,19 @@ class SparseExtent(ExtentFile):
 
     # -- checking ----------------------------------------------------------------------
     def check(self) -> list[str]:
+        """Grains past the end of the file, sharing sectors, overlapping metadata; redundant
+        tables that differ. Tables are visited a cache-full at a time: memory follows the
+        allocated grains, not the capacity."""
         problems: list[str] = []
         where = f"{os.path.basename(self.path or '')}"
-        self._load(0, self.gts - 1, validate=False)
-        tables = [self._tables[k] for k in range(self.gts)]
-        if not tables:
-            return problems
-        gtes = np.concatenate(tables)[: self.grains].astype(np.int64)
-        used = np.flatnonzero(gtes > L.GTE_ZERO)
-        offs = gtes[used] * L.SECTOR
+        used, entries = self._allocated_grains()
+        offs = entries * L.SECTOR
         beyond = offs + self._grain_limit() > self.file_end
-        for g in used[beyond][:MAX_REPORTED].tolist():
-            problems.append(
-                f"{where}: grain {g} at sector {int(gtes[g])} lies beyond the end of the file"
-            )
+        for g, e in zip(used[beyond][:MAX_REPORTED].tolist(), entries[beyond].tolist()):
+            problems.append(f"{where}: grain {g} at sector {e} lies beyond the end of the file")
         if beyond.sum() > MAX_REPORTED:
             problems.append(f"{where}: {int(beyond.sum())} grains beyond the end of the file")
         # every grain and every table must own its sectors
-        meta = self._metadata_ranges()
         order = np.argsort(offs, kind="stable")
         sorted_offs = offs[order]
         dup = np.flatnonzero(np.diff(sorted_offs) == 0) if not self.compressed else np.array([])
@@ -428,24 +522,86 @@ class SparseExtent(ExtentFile):
             grain_len = self.grain
         else:
             grain_len = L.GRAIN_MARKER_SIZE
-        for start, stop, what in meta:
+        for start, stop, what in self._metadata_ranges():
             hit = np.flatnonzero((offs < stop) & (offs + grain_len > start))
             for i in hit[:MAX_REPORTED].tolist():
                 problems.append(f"{where}: grain {int(used[i])} overlaps the {what}")
+        for gd, name in ((self.gd, "grain table"), (self.rgd, "redundant grain table")):
+            if gd is not None:
+                problems += self._overlapping_tables(used, offs, grain_len, gd, name, where)
         if self.compressed and self.has_markers:
-            problems += self._check_markers(used, gtes, where)
+            problems += self._check_markers(used, entries, where)
         if self.rgd is not None:
-            for k in range(self.gts):
+            problems += self._check_redundant(where)
+        return problems
+
+    def _batches(self) -> Iterator[tuple[int, int]]:
+        """First and last table of each cache-full of tables, skipping known empty ones."""
+        step = max(1, self._cache_limit // 2)
+        for k0 in range(0, self.gts, step):
+            k1 = min(self.gts, k0 + step) - 1
+            if self._hollow is None or not self._hollow[k0 : k1 + 1].all():
+                yield k0, k1
+
+    def _allocated_grains(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every grain with data (or a compressed grain) and its grain table entry."""
+        used: list[np.ndarray] = []
+        entries: list[np.ndarray] = []
+        for k0, k1 in self._batches():
+            base = k0 * self.per_gt
+            gtes = np.concatenate(self._load(k0, k1, validate=False))[: self.grains - base]
+            idx = np.flatnonzero(gtes > L.GTE_ZERO)
+            used.append(idx.astype(np.int64) + base)
+            entries.append(gtes[idx].astype(np.int64))
+        if not used:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(used), np.concatenate(entries)
+
+    def _overlapping_tables(
+        self,
+        used: np.ndarray,
+        offs: np.ndarray,
+        grain_len: int,
+        gd: np.ndarray,
+        name: str,
+        where: str,
+    ) -> list[str]:
+        """Grains overlapping a grain table: tables are all the same length, so the last
+        table starting before a grain's end is the only one to test."""
+        starts = np.sort(gd[gd != 0]).astype(np.int64) * L.SECTOR
+        if not len(starts) or not len(offs):
+            return []
+        i = np.searchsorted(starts, offs + grain_len, side="left") - 1
+        hit = np.flatnonzero((i >= 0) & (starts[np.maximum(i, 0)] + self.gt_bytes > offs))
+        problems = []
+        for j in hit[:MAX_REPORTED].tolist():
+            k = int(np.flatnonzero(gd == int(starts[i[j]]) // L.SECTOR)[0])
+            problems.append(f"{where}: grain {int(used[j])} overlaps the {name} {k}")
+        return problems
+
+    def _check_redundant(self, where: str) -> list[str]:
+        """Each redundant grain table holds what its grain table holds; tables both lying
+        in holes of the file are equal unread."""
+        assert self.rgd is not None
+        problems: list[str] = []
+        rgd_hollow = (self.rgd == 0) | _in_holes(self.fd, self.rgd, self.gt_bytes)
+        for k0, k1 in self._batches():
+            tables = self._load(k0, k1, validate=False)
+            for k in range(k0, k1 + 1):
                 if self.rgd[k] == 0 or self.gd[k] == 0:
                     continue
+                table = tables[k - k0]
+                if rgd_hollow[k] and not table.any():
+                    continue
                 raw = os.pread(self.fd, self.gt_bytes, int(self.rgd[k]) * L.SECTOR)
-                if raw != self._tables[k].astype("<u4").tobytes():
+                if raw != table.astype("<u4").tobytes():
                     problems.append(f"{where}: redundant grain table {k} differs from table {k}")
-                    if len(problems) > 2 * MAX_REPORTED:
-                        break
+                    if len(problems) > MAX_REPORTED:
+                        return problems
         return problems
 
     def _metadata_ranges(self) -> list[tuple[int, int, str]]:
+        """The header, descriptor and directories (the tables are tested apart)."""
         out = [(0, L.SECTOR, "header")]
         h = self.header
         if h.descriptorOffset and h.descriptorSize:
@@ -456,15 +612,12 @@ class SparseExtent(ExtentFile):
                 continue
             off = self.gd_offset if gd is self.gd else h.rgdOffset
             out.append((off * L.SECTOR, off * L.SECTOR + self.gts * 4, name))
-            for k in np.flatnonzero(gd).tolist():
-                s = int(gd[k]) * L.SECTOR
-                out.append((s, s + self.gt_bytes, f"{name.replace('directory', 'table')} {k}"))
         return out
 
-    def _check_markers(self, used: np.ndarray, gtes: np.ndarray, where: str) -> list[str]:
+    def _check_markers(self, used: np.ndarray, entries: np.ndarray, where: str) -> list[str]:
         problems = []
-        for g in used.tolist():
-            raw = os.pread(self.fd, L.GRAIN_MARKER_SIZE, int(gtes[g]) * L.SECTOR)
+        for g, e in zip(used.tolist(), entries.tolist()):
+            raw = os.pread(self.fd, L.GRAIN_MARKER_SIZE, e * L.SECTOR)
             if len(raw) < L.GRAIN_MARKER_SIZE:
                 continue  # already reported as beyond the end
             m = L.GrainMarker.parse(raw)
