@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import concurrent.futures as cf
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -587,7 +588,10 @@ def clone(
         for source in sources:
             entry = _state_entry(state, source, fmt, opts)
             _save_state(outdir, state)
-            res, layout = _clone_disk(conn, outdir, source, entry, fmt, opts, progress_factory)
+            save = functools.partial(_save_state, outdir, state)
+            res, layout = _clone_disk(
+                conn, outdir, source, entry, fmt, opts, progress_factory, save
+            )
             entry["state"] = "complete"
             entry["size"] = res.size
             entry["skip_unused"] = opts.skip_unused
@@ -640,6 +644,7 @@ def _clone_disk(
     fmt: str,
     opts: CloneOptions,
     progress_factory: ProgressFactory,
+    save_state: Callable[[], None],
 ) -> tuple[DiskResult, dict[str, Any] | None]:
     t0 = time.monotonic()
     final = os.path.join(outdir, entry["image"])
@@ -660,12 +665,16 @@ def _clone_disk(
             res = DiskResult(
                 source=source, image=final, format=fmt, size=disk.size, snapshot=snapshot
             )
-            if entry.get("state") == "complete" and os.path.exists(final):
+            # "renaming": a run stopped after renaming the verified image, before
+            # recording it complete
+            if entry.get("state") in ("complete", "renaming") and os.path.exists(final):
                 log.info("%s: already cloned to %s (use `p2v sync` to update it)", source, final)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(final + JOURNAL_SUFFIX)
                 res.skipped = True
                 res.verified = entry.get("verified")
                 return res, layout
-            _copy_disk(conn, disk, final, entry, fmt, opts, progress_factory, res)
+            _copy_disk(conn, disk, final, entry, fmt, opts, progress_factory, res, save_state)
     finally:
         if snapshot is not None:
             with contextlib.suppress(AgentError):
@@ -692,6 +701,7 @@ def _copy_disk(
     opts: CloneOptions,
     progress_factory: ProgressFactory,
     res: DiskResult,
+    save_state: Callable[[], None],
 ) -> None:
     partial = final + PARTIAL_SUFFIX
     journal_path = final + JOURNAL_SUFFIX
@@ -769,6 +779,11 @@ def _copy_disk(
                 "copies the disk again"
             )
         res.verified = True
+    # recorded before the rename, so that a run killed right after it finds its own
+    # verified image under the final name, not a stranger's file
+    entry["state"] = "renaming"
+    entry["verified"] = res.verified
+    save_state()
     os.replace(partial, final)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(journal_path)

@@ -151,3 +151,38 @@ def test_an_empty_extent_range_is_empty_in_every_format(tmp_path, fmt):
     with formats.open(path, fmt) as img:
         for at in (img.size, MiB, 5):
             assert list(img.extents(at, at)) == []
+
+
+def test_clone_killed_between_rename_and_state_save_is_complete_on_rerun(
+    sshd, tmp_path, monkeypatch
+):
+    """The moment no random delay hits reliably: the image is verified and renamed, but
+    the state file still says "copying". The rerun must take the image as done, not
+    refuse it as a stranger's file under the name."""
+    from p2v import clone as cloning
+    from tests.p2v.conftest import connect_options
+
+    disk = str(tmp_path / "server" / "sdb.raw")
+    os.makedirs(os.path.dirname(disk))
+    with open(disk, "wb") as f:
+        f.write(random.Random(3).randbytes(4 * MiB))
+        f.truncate(16 * MiB)
+    out = str(tmp_path / "out")
+    opts = cloning.CloneOptions(out_format="qcow2", disks=[disk])
+    save = cloning._save_state
+
+    def killed_at_complete(outdir, state):
+        if any(e.get("state") == "complete" for e in state["disks"]):
+            raise KeyboardInterrupt  # SIGKILL here: nothing after it runs
+        save(outdir, state)
+
+    monkeypatch.setattr(cloning, "_save_state", killed_at_complete)
+    with pytest.raises(KeyboardInterrupt):
+        cloning.clone(connect_options(sshd), out, opts)
+    assert os.path.exists(os.path.join(out, "sdb.qcow2"))
+    monkeypatch.setattr(cloning, "_save_state", save)
+    res = cloning.clone(connect_options(sshd), out, opts)
+    (d,) = res.disks
+    assert d.skipped and d.verified is True
+    assert _same(disk, d.image, "qcow2")
+    assert sorted(os.listdir(out)) == ["machine.json", cloning.STATE_FILE, "sdb.qcow2"]
