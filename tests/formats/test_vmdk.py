@@ -975,3 +975,15 @@ def test_stream_writer_in_order_writes_match_a_model(tmp_path, pieces):
     with formats.open(path) as img:
         assert img.read(0, img.size) == bytes(model)
     assert qemu_img("check", path, check=False).returncode == 0
+
+
+def test_descriptor_ends_at_its_first_nul_like_qemus():
+    """qemu rewrites a descriptor file in place when the CID changes; a shorter CID leaves
+    the old text's last bytes after the NUL (seen as a flaky read of twoGbMaxExtentFlat)."""
+    text = (
+        b'# Disk DescriptorFile\nversion=1\nCID=4f29de\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
+        b'RW 2048 FLAT "q-flat.vmdk" 0\n'
+    )
+    desc = dd.parse(text + b"\0" + b'k"\n' + bytes(64), "test")
+    assert desc.cid == 0x4F29DE
+    assert len(desc.extents) == 1
