@@ -113,23 +113,28 @@ def test_sigkill_of_clone_never_leaves_partial_output_and_rerun_resumes(sshd, di
     whole = time.monotonic() - t0
     assert _same(disk, os.path.join(ref, f"sda.{fmt}"), fmt)
     rng = random.Random(11)
-    delays = [whole * rng.uniform(0.45, 1.0) for _ in range(6)]
+    delays = [whole * rng.uniform(0.4, 1.0) for _ in range(12)]
+    journal = image + ".journal"
     mid_copy = 0
     for delay in delays:
+        before = os.path.getsize(journal) if os.path.exists(journal) else -1
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        names = _check_finished_files(out, disk, image, fmt)
-        if os.path.basename(image) + ".partial" in names:
-            mid_copy += 1
+        _check_finished_files(out, disk, image, fmt)
+        if os.path.exists(image + ".partial"):
+            # the killed run got as far as the copy when it journaled something
+            mid_copy += os.path.exists(journal) and os.path.getsize(journal) != before
             if fmt == "qcow2":
                 # the half-written qcow2 may leak clusters (exit 3) but is never corrupt
                 res = qemu_img("check", image + ".partial", check=False)
                 assert res.returncode in (0, 3), res.stdout + res.stderr
         if os.path.exists(image):  # it finished before the kill: start over
             subprocess.run(["rm", "-rf", out], check=True)
-    assert mid_copy, f"no kill at {delays} s (a run takes {whole:.2f} s) landed in the copy"
+        if mid_copy == 3:  # enough: the seeded list only bounds a loaded machine's tries
+            break
+    assert mid_copy >= 2, f"kills at {delays} s (a run takes {whole:.2f} s) missed the copy"
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
     assert "verified" in rerun.stdout
