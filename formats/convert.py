@@ -217,27 +217,23 @@ class _Engine:
         self._advance(piece.length)
 
     def _apply(self, piece: _Piece) -> list[PendingWrite]:
-        """Hand the piece to the writer; returns the data writes it deferred. Every view
-        of the chunk buffer ends up in that list (or nowhere), so recycling can see when
-        the buffer is free."""
+        """Hand the piece to the writer; returns the data writes it deferred. Once this
+        returns, every view of the chunk buffer is in that list or gone, so recycling
+        can tell when the buffer is free."""
         with self.dst.deferred_writes() as pending:
             for off, n in piece.zero_runs:
                 self.dst.write_zeroes(off, n)
                 self.stats.bytes_zero_written += n
-            piece.runs.reverse()  # popped in order: sequential writers need it
-            while piece.runs:
-                off, enc, n = piece.runs.pop()
+            for off, enc, n in piece.runs:
                 self.dst.write_encoded(off, enc)
                 self.stats.bytes_written += n
-                del enc
+            piece.runs.clear()
         self.stats.bytes_read += piece.read
         return pending
 
     def _issue(self, pending: list[PendingWrite], piece: _Piece) -> None:
-        while pending:
-            fd, data, offset = pending.pop()
-            pwrite_all(fd, data, offset)
-            del data
+        _write_all(pending)  # its frame, and the views it held, end before recycling
+        pending.clear()
         self._recycle(piece)
 
     def _recycle(self, piece: _Piece) -> None:
@@ -300,6 +296,11 @@ class _Engine:
         for f in list(done):
             inflight.remove(f)
             self._store(f.result(), pool)
+
+
+def _write_all(pending: list[PendingWrite]) -> None:
+    for fd, data, offset in pending:
+        pwrite_all(fd, data, offset)
 
 
 def default_workers() -> int:

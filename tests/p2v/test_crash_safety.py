@@ -15,20 +15,14 @@ import time
 import pytest
 
 from tests.external import qemu_img
+from tests.p2v.disks import striped_disk
 
 MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    path = tmp_path_factory.mktemp("crash") / "src.raw"
-    rng = random.Random(5)
-    with open(path, "wb") as f:
-        f.truncate(256 * MiB)
-        for i in range(0, 256, 3):
-            f.seek(i * MiB)
-            f.write(rng.randbytes(MiB))
-    return str(path)
+    return striped_disk(str(tmp_path_factory.mktemp("crash") / "src.raw"), 256, seed=5)
 
 
 @pytest.mark.parametrize("fmt, extra", [("qcow2", []), ("qcow2", ["-c"]), ("raw", [])])
@@ -67,14 +61,8 @@ def _ova_holds(ova: str, source: str, scratch: str) -> None:
 
 @pytest.fixture(scope="module")
 def small_source(tmp_path_factory):
-    path = tmp_path_factory.mktemp("crash-ova") / "src.raw"
-    rng = random.Random(6)
-    with open(path, "wb") as f:
-        f.truncate(64 * MiB)
-        for i in [*range(0, 64, 3), 63]:
-            f.seek(i * MiB)
-            f.write(rng.randbytes(MiB))
-    return str(path)
+    path = str(tmp_path_factory.mktemp("crash-ova") / "src.raw")
+    return striped_disk(path, 64, seed=6, last_mib=True)
 
 
 def test_sigkill_of_ovf_pack_never_leaves_partial_ova_under_final_name(small_source, tmp_path):

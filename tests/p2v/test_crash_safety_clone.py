@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from tests.external import qemu_img
+from tests.p2v.disks import striped_disk
 
 MiB = 1 << 20
 
@@ -37,14 +38,8 @@ CLI = (
 def disk(tmp_path_factory):
     """A 96 MiB disk: random data every third MiB, zeros between (both cross the wire
     differently), and data in the last MiB."""
-    path = tmp_path_factory.mktemp("crash-server") / "sda.raw"
-    rng = random.Random(7)
-    with open(path, "wb") as f:
-        f.truncate(96 * MiB)
-        for i in [*range(0, 96, 3), 95]:
-            f.seek(i * MiB)
-            f.write(rng.randbytes(MiB))
-    return str(path)
+    path = str(tmp_path_factory.mktemp("crash-server") / "sda.raw")
+    return striped_disk(path, 96, seed=7, last_mib=True)
 
 
 def _same(src: str, image: str, fmt: str) -> bool:
