@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from construct import Bytes, Const, PaddedString, Struct
+from construct import Bytes, PaddedString, Struct
 
 from ..errors import CorruptImage, FormatError, UnsafeImage, UnsupportedFeature
 
@@ -55,7 +55,9 @@ Header = Struct(
     "devmajor" / Bytes(8),
     "devminor" / Bytes(8),
     "prefix" / Bytes(155),
-    "pad" / Const(bytes(12)),
+    # unused by POSIX and not always zero in the wild (a fuzzed archive made a Const raise
+    # construct's own error here): read as bytes, written as zeros
+    "pad" / Bytes(12),
 )
 assert Header.sizeof() == BLOCK
 
@@ -137,7 +139,7 @@ def header(name: str, size: int, *, mtime: int | None = None) -> bytes:
         devmajor=_octal(0, 8),
         devminor=_octal(0, 8),
         prefix=prefix.ljust(155, b"\0"),
-        pad=None,
+        pad=bytes(12),
     )
     block = bytearray(Header.build(fields))
     block[148:156] = f"{_checksum(bytes(block)):06o}".encode() + b"\0 "
