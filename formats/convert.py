@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import mmap
 import os
 import threading
 import time
@@ -58,30 +59,32 @@ class _Piece:
     runs: list[tuple[int, Any, int]] = field(default_factory=list)  # (offset, encoded, n)
     zero_runs: list[tuple[int, int]] = field(default_factory=list)
     read: int = 0
-    buffers: list[bytearray] = field(default_factory=list)
+    buffers: list[mmap.mmap] = field(default_factory=list)
 
 
 class _BufferPool:
     """Chunk buffers reused across chunks: fresh memory costs a page fault per page
-    (and a memset), which at conversion speed is as much as the read itself."""
+    (and a memset), which at conversion speed is as much as the read itself. They are
+    anonymous mmaps, so page-aligned: the kernel copies into a bytearray's 16-byte-aligned
+    data five times slower than into an aligned buffer on this VM (measured: 1.2 GiB read
+    from page cache in 0.48 s against 0.09 s)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.free: list[bytearray] = []
+        self.free: list[mmap.mmap] = []
         self.lock = threading.Lock()
 
-    def get(self) -> bytearray:
+    def get(self) -> mmap.mmap:
         with self.lock:
             if self.free:
                 return self.free.pop()
-        return bytearray(self.size)
+        return mmap.mmap(-1, self.size)
 
-    def put(self, buf: bytearray) -> None:
+    def put(self, buf: mmap.mmap) -> None:
         try:
             # a writer still holding a view of the chunk must not see it overwritten:
-            # bytearray refuses to resize while views exist, so such a buffer is dropped
-            buf.append(0)
-            buf.pop()
+            # mmap refuses to resize while views exist, so such a buffer is dropped
+            buf.resize(self.size)
         except BufferError:
             return
         with self.lock:
@@ -368,8 +371,10 @@ def convert(
     workers: int | None = None,
     only: Iterable[Extent] | None = None,
     sources: tuple[str, ...] | None = None,
+    durable: bool = True,
 ) -> ConvertStats:
-    """Convert an opened image into a new file: written as DST.partial, renamed on success."""
+    """Convert an opened image into a new file: written as DST.partial, renamed on success
+    (after an fsync unless `durable` is off)."""
     from . import normalize_format
     from . import open as open_image
     from .output import atomic_create
@@ -390,7 +395,7 @@ def convert(
         sources = tuple(src.files())
     try:
         with atomic_create(
-            dst_path, out_fmt, src.size, force=force, sources=sources, **opts
+            dst_path, out_fmt, src.size, force=force, sources=sources, durable=durable, **opts
         ) as dst:
             stats = convert_image(
                 src, dst, progress=progress, workers=workers, backing=backing, only=only

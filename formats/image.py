@@ -48,6 +48,9 @@ class Image:
     is_sequential: bool = False
     #: the unit at which the writer tracks allocation; the engine detects zeros at this size
     cluster_size: int = 65536
+    #: flush() makes what was written durable (fsync); without it the data is left to the
+    #: kernel's writeback, as qemu-img's default `cache=unsafe` leaves it
+    durable: bool = True
 
     def __init__(self, path: str | None, size: int, *, writable: bool = False) -> None:
         self.path = path
@@ -156,6 +159,12 @@ class Image:
 
     def flush(self) -> None:
         pass
+
+    def _sync(self, *fds: int | None) -> None:
+        if self.durable:
+            for fd in fds:
+                if fd is not None:
+                    os.fsync(fd)
 
     def close(self) -> None:
         if self.closed:

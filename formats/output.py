@@ -43,6 +43,7 @@ def atomic_create(
     *,
     force: bool = False,
     sources: tuple[str, ...] = (),
+    durable: bool = True,
     **options: Any,
 ) -> Iterator[Image]:
     from . import create
@@ -52,6 +53,7 @@ def atomic_create(
     if os.path.lexists(partial):
         os.unlink(partial)
     img = create(partial, fmt, size, final_path=path, **options)
+    img.durable = durable
     try:
         yield img
         img.close()

@@ -68,7 +68,7 @@ class RawImage(Image):
 
     def flush(self) -> None:
         if self.writable:
-            os.fsync(self.fd)
+            self._sync(self.fd)
 
     def _close(self) -> None:
         os.close(self.fd)

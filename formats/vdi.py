@@ -332,7 +332,7 @@ class VdiImage(Image):
             if file_size(self.fd) < end:
                 os.ftruncate(self.fd, end)
             self._dirty = False
-        os.fsync(self.fd)
+        self._sync(self.fd)
 
     def _close(self) -> None:
         os.close(self.fd)

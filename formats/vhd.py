@@ -565,7 +565,7 @@ class SparseVhd(Image):
             pwrite_all(self.fd, raw, self.next_free)
             os.ftruncate(self.fd, self.next_free + FOOTER_SIZE)
             self._dirty = False
-        os.fsync(self.fd)
+        self._sync(self.fd)
 
     def _close(self) -> None:
         os.close(self.fd)

@@ -173,6 +173,7 @@ class ConvertRequest:
     backing_format: str | None = None
     backing_dirs: tuple[str, ...] | None = None
     force: bool = False
+    durable: bool = True
     partition: int | None = None
     wrap_partition: bool = False
     table: str = "gpt"
@@ -205,6 +206,7 @@ def run_convert(req: ConvertRequest, progress=None) -> ConvertStats:
             req.out_format,
             options=req.options,
             force=req.force,
+            durable=req.durable,
             compress=req.compress,
             backing_file=req.backing_file,
             backing_fmt=req.backing_format,

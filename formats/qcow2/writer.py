@@ -129,7 +129,7 @@ class Qcow2Writer(Qcow2Image):
 
     def _wrote(self, fd: int, n: int) -> None:
         self._unsynced += n
-        if self._unsynced >= WRITEBACK_EVERY:
+        if self._unsynced >= WRITEBACK_EVERY and self.durable:
             self._unsynced = 0
             start_writeback(fd)
 
@@ -672,9 +672,7 @@ class Qcow2Writer(Qcow2Image):
             self._write_header()
             self.meta.file_size = max(self.meta.file_size, file_size(self.fd))
             self._started = False
-        os.fsync(self.fd)
-        if self.data_fd is not None:
-            os.fsync(self.data_fd)
+        self._sync(self.fd, self.data_fd)
 
 
 # ---------------------------------------------------------------------------------------

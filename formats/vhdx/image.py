@@ -442,7 +442,7 @@ class VhdxImage(Image):
             if file_size(self.fd) < self.next_free:
                 os.ftruncate(self.fd, self.next_free)
             self._dirty = False
-        os.fsync(self.fd)
+        self._sync(self.fd)
 
     def _close(self) -> None:
         os.close(self.fd)

@@ -103,7 +103,7 @@ class ExtentFile:
     def write_zeroes(self, offset: int, n: int, under: Under, has_backing: bool) -> None:
         self.write(offset, memoryview(bytes(n)), under)
 
-    def flush(self) -> None:
+    def flush(self, durable: bool = True) -> None:
         pass
 
     def close(self) -> None:
@@ -158,7 +158,8 @@ class FlatExtent(ExtentFile):
     def write_zeroes(self, offset: int, n: int, under: Under, has_backing: bool) -> None:
         self.raw.write_zeroes(self.base + offset, n)
 
-    def flush(self) -> None:
+    def flush(self, durable: bool = True) -> None:
+        self.raw.durable = durable
         self.raw.flush()
 
     def close(self) -> None:

@@ -179,7 +179,13 @@ class VmdkImage(Image):
                 self._store_cid()
                 self._cid_dirty = False
             for ext in self.parts:
-                ext.flush()
+                ext.flush(self.durable)
+            if self.durable and not any(ext.path == self.path for ext in self.parts):
+                fd = os.open(self.path or "", os.O_RDONLY | os.O_CLOEXEC)  # a separate descriptor
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
     def _store_cid(self) -> None:
         """Rewrite the CID line only, leaving the rest of the descriptor as it was."""

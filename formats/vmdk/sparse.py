@@ -467,7 +467,7 @@ class SparseExtent(ExtentFile):
                     self._write_grains(s + at + pos, memoryview(bytes(step)))
                     pos += step
 
-    def flush(self) -> None:
+    def flush(self, durable: bool = True) -> None:
         if not self.writable:
             return
         for k in sorted(self._dirty_tables):
@@ -485,7 +485,8 @@ class SparseExtent(ExtentFile):
         if file_size(self.fd) != self.alloc_end:
             os.ftruncate(self.fd, self.alloc_end)
         self._reserved = self.alloc_end
-        os.fsync(self.fd)
+        if durable:
+            os.fsync(self.fd)
 
     def close(self) -> None:
         os.close(self.fd)

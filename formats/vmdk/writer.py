@@ -505,7 +505,7 @@ class StreamWriter(Image):
 
     def flush(self) -> None:
         if not self.closed:
-            os.fsync(self.fd)
+            self._sync(self.fd)
 
     def close(self) -> None:
         if not self.closed and self.writable and not self.finished:

@@ -43,6 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-W", "--workers", type=int, help="worker threads (default: cores + 1)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument(
+        "-t",
+        dest="cache",
+        choices=("writeback", "unsafe"),
+        default="writeback",
+        help="writeback (default): DST is fsynced before the rename, durable when p2v exits; "
+        "unsafe: leave the data to the kernel's writeback, as qemu-img convert does by default",
+    )
     p.add_argument("--partition", type=int, metavar="N", help="convert only partition N")
     p.add_argument(
         "--wrap-partition",
@@ -176,6 +184,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         backing_format=args.backing_fmt,
         backing_dirs=_dirs(args.backing_dir),
         force=args.force,
+        durable=args.cache == "writeback",
         partition=args.partition,
         wrap_partition=args.wrap_partition,
         table=args.table,

@@ -42,6 +42,14 @@ def test_convert_then_info_json_matches_qemu_img(disk, tmp_path):
     qemu_img("compare", disk, out)
 
 
+@pytest.mark.parametrize("cache", ["unsafe", "writeback"])
+def test_convert_cache_modes_write_the_same_image(disk, tmp_path, cache):
+    out = str(tmp_path / "out.qcow2")
+    p2v("convert", "-t", cache, "-O", "qcow2", disk, out, check=True)
+    qemu_img("check", out)
+    qemu_img("compare", disk, out)
+
+
 def test_compare_exit_codes_and_first_difference(disk, tmp_path):
     other = tmp_path / "other.raw"
     with open(disk, "rb") as f:
