@@ -11,6 +11,7 @@ import importlib
 import os
 from types import ModuleType
 
+from . import magic
 from .backing import BackingPolicy
 from .errors import CorruptImage, FormatError, UnsafeImage, UnsupportedFeature
 from .extents import Extent, Kind
@@ -46,9 +47,6 @@ FORMATS: dict[str, str] = {
 
 ALIASES = {"vhd": "vpc", "img": "raw", "qcow": "qcow2"}
 
-PROBE_HEAD = 4096
-PROBE_TAIL = 512
-
 
 def normalize_format(name: str) -> str:
     key = name.lower()
@@ -72,25 +70,15 @@ def probe(path: str) -> str:
     """Name the format of `path` from its magic bytes; raw when nothing matches."""
     try:
         with builtins.open(path, "rb") as f:
-            head = f.read(PROBE_HEAD)
+            head = f.read(magic.HEAD)
             size = f.seek(0, os.SEEK_END)
             tail = b""
-            if size >= PROBE_TAIL:
-                f.seek(size - PROBE_TAIL)
-                tail = f.read(PROBE_TAIL)
+            if size >= magic.TAIL:
+                f.seek(size - magic.TAIL)
+                tail = f.read(magic.TAIL)
     except OSError as exc:
         raise FormatError(f"{path}: {exc.strerror}") from exc
-    for fmt in FORMATS:
-        if fmt == "raw":
-            break
-        try:
-            mod = _module(fmt)
-        except UnsupportedFeature:
-            continue
-        matches = getattr(mod, "matches", None)
-        if matches is not None and matches(head, tail):
-            return fmt
-    return "raw"
+    return magic.identify(head, tail)
 
 
 def open_image(

@@ -26,11 +26,13 @@ from .errors import CorruptImage, FormatError, UnsupportedFeature
 from .extents import Extent, Kind, from_cluster_kinds, runs
 from .fileio import file_size, pread_exact, preadinto, punch_hole, pwrite_all
 from .image import CheckResult, Image
+from .magic import VDI_SIGNATURE
+from .magic import vdi as matches  # noqa: F401  (the probe rule, re-exported)
 from .options import parse_bool, parse_choice
 
 FORMAT = "vdi"
 
-SIGNATURE = 0xBEDA107F
+SIGNATURE = VDI_SIGNATURE
 VERSION_1_1 = 0x0001_0001
 PRE_HEADER_SIZE = 72
 FILE_INFO = b"<<< Oracle VM VirtualBox Disk Image >>>\n"
@@ -74,10 +76,6 @@ Header = Struct(
     "LCHSGeometry" / Geometry,
 )
 HEADER_BYTES = Header.sizeof()  # 472
-
-
-def matches(head: bytes, tail: bytes) -> bool:
-    return len(head) >= 72 and int.from_bytes(head[64:68], "little") == SIGNATURE
 
 
 #: granule at which fresh blocks skip zeros: they read as zeros unwritten (a file hole)

@@ -30,6 +30,8 @@ from .errors import CorruptImage, FormatError, UnsafeImage, UnsupportedFeature
 from .extents import Extent, Kind, from_cluster_kinds, runs
 from .fileio import file_size, pread_exact, preadinto, punch_hole, pwrite_all
 from .image import CheckResult, Image
+from .magic import VHD_COOKIE
+from .magic import vpc as matches  # noqa: F401  (the probe rule, re-exported)
 from .options import parse_bool, parse_choice, parse_size
 from .raw import RawImage
 
@@ -38,7 +40,7 @@ FORMAT = "vpc"
 SECTOR = 512
 FOOTER_SIZE = 512
 HEADER_SIZE = 1024
-FOOTER_COOKIE = b"conectix"
+FOOTER_COOKIE = VHD_COOKIE
 HEADER_COOKIE = b"cxsparse"
 DISK_FIXED, DISK_DYNAMIC, DISK_DIFFERENCING = 2, 3, 4
 DISK_TYPES = {DISK_FIXED: "fixed", DISK_DYNAMIC: "dynamic", DISK_DIFFERENCING: "differencing"}
@@ -183,11 +185,6 @@ def virtual_size(footer) -> int:
         return footer.current_size
     g = footer.disk_geometry
     return chs_bytes((g.cylinders, g.heads, g.sectors_per_track))
-
-
-def matches(head: bytes, tail: bytes) -> bool:
-    # a fixed VHD has its only footer at the end: qemu probes it as raw, we do not
-    return FOOTER_COOKIE in (head[:8], tail[:8], tail[1:9])
 
 
 def _parse(struct: Struct, raw: bytes, what: str):

@@ -7,7 +7,8 @@ lists what is supported and what is refused.
 
 from __future__ import annotations
 
-from .image import FORMAT, Qcow2Image, SnapshotView, matches, open_image
+from ..magic import qcow2 as matches
+from .image import FORMAT, Qcow2Image, SnapshotView, open_image
 from .writer import Qcow2Writer, create
 
 __all__ = [

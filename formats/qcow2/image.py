@@ -123,10 +123,6 @@ class Metadata:
         return self.cluster_size // (16 if self.extended_l2 else 8)
 
 
-def matches(head: bytes, tail: bytes) -> bool:
-    return head[:4] == L.MAGIC and int.from_bytes(head[4:8], "big") in (2, 3)
-
-
 def _fail(path: str, msg: str) -> CorruptImage:
     return CorruptImage(f"qcow2: {path}: {msg}")
 

@@ -23,7 +23,9 @@ from construct import (
     this,
 )
 
-MAGIC = b"QFI\xfb"
+from ..magic import QCOW2_MAGIC
+
+MAGIC = QCOW2_MAGIC
 
 # == Header ==
 #: the version 2 header is exactly this long; version 3 adds fields up to header_length

@@ -44,10 +44,6 @@ PRESENT_STATES = (L.PAYLOAD_BLOCK_FULLY_PRESENT, L.PAYLOAD_BLOCK_PARTIALLY_PRESE
 OLD, FRESH, OURS = 0, 1, 2
 
 
-def matches(head: bytes, tail: bytes) -> bool:
-    return head[:8] == L.FILE_SIGNATURE
-
-
 def _guid_str(raw: bytes) -> str:
     return "{" + str(uuid.UUID(bytes_le=bytes(raw))).upper() + "}"
 

@@ -16,6 +16,8 @@ import uuid
 import crc32c
 from construct import Bytes, Int16ul, Int32ul, Int64ul, Struct
 
+from ..magic import VHDX_SIGNATURE
+
 KiB, MiB = 1 << 10, 1 << 20
 
 FILE_ID_OFFSET = 0
@@ -28,7 +30,7 @@ SECTOR_BITMAP_BLOCK = MiB
 LOG_SECTOR = 4 * KiB
 ALIGN = MiB
 
-FILE_SIGNATURE = b"vhdxfile"
+FILE_SIGNATURE = VHDX_SIGNATURE
 HEADER_SIGNATURE = b"head"
 REGION_SIGNATURE = b"regi"
 METADATA_SIGNATURE = b"metadata"

@@ -19,11 +19,13 @@ import struct
 
 from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
 
+from ..magic import VMDK_COWD_MAGIC, VMDK_SPARSE_MAGIC
+
 SECTOR = 512
 
 # -- hosted sparse extents (spec "Hosted Sparse Extent Header") ---------------------------
-SPARSE_MAGIC = b"KDMV"  # 0x564d444b little-endian
-COWD_MAGIC = b"COWD"
+SPARSE_MAGIC = VMDK_SPARSE_MAGIC
+COWD_MAGIC = VMDK_COWD_MAGIC
 
 #: flags, SparseExtentHeader.flags
 FLAG_VALID_NEWLINE = 1 << 0  # the four line-ending bytes below are meaningful

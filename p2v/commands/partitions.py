@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 
 import formats
-from formats import partitions
-from formats.resize import resize
 from p2v.output import human_size, parse_size, print_json
 
 
@@ -50,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_partitions(args: argparse.Namespace) -> int:
+    from formats import partitions  # loaded when used: `p2v` starts sooner
+
     with formats.open(args.image, args.fmt) as img:
         layout = partitions.describe(img)
     if args.output == "json":
@@ -105,6 +105,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
     size = new_size(words[0], current)
     if size < 0:
         raise formats.FormatError(f"resize: {words[0]} would make the size negative")
+    from formats.resize import resize
+
     res = resize(args.image, size, args.fmt, shrink=args.shrink)
     if args.output == "json":
         print_json(res)
