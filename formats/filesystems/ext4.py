@@ -217,6 +217,8 @@ def used(image: Image) -> Ranges:
         raise CorruptImage(f"ext4: {blocks} blocks of {bs} bytes do not fit in {image.size} bytes")
     if first_data > 1 or first_data >= blocks:
         raise CorruptImage(f"ext4: first data block {first_data} is invalid")
+    if sb.s_reserved_gdt_blocks > bs // 4:  # the kernel's own bound (ext4_fill_super)
+        raise CorruptImage(f"ext4: {sb.s_reserved_gdt_blocks} reserved GDT blocks is invalid")
     ratio = 1
     if ro & RO_COMPAT_BIGALLOC:
         if not sb.s_log_block_size <= sb.s_log_cluster_size <= sb.s_log_block_size + 16:
@@ -267,7 +269,8 @@ def used(image: Image) -> Ranges:
         _uninit_metadata(sb, uninit, ngroups, bs, bpg, first_data, desc_size),
     ]
     parts += _bitmap_ranges(image, block_bitmap, uninit, cpg, ratio, bs, first_data, blocks, newer)
-    return ranges.merge(parts)
+    # metadata of a last, short group may reach past the end as computed: the image ends it
+    return ranges.clip(ranges.merge(parts), 0, image.size)
 
 
 def _group_first(g, bpg: int, first_data: int):

@@ -6,7 +6,7 @@ import logging
 import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import formats
@@ -194,6 +194,7 @@ def small_ext4(tmp_path_factory):
         max_size=6,
     )
 )
+@example(edits=[(1231, 8)])  # s_reserved_gdt_blocks' high byte: 2 K blocks past the end
 def test_damaged_metadata_raises_only_format_errors(small_ext4, edits):
     try:
         r = mutate_and_run(small_ext4, edits, ext4.used)
