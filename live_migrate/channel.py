@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from live_migrate import wire
 from live_migrate.errors import ProtocolError, RefusedError, TransportError
-from live_migrate.transport import Stream, recv_exact, send_parts
+from live_migrate.transport import Stream, recv_exact, recv_parts, send_parts
 
 
 class Channel:
@@ -53,6 +53,17 @@ class Channel:
         """Read exactly len(view) bytes of the current frame's body into `view`."""
         recv_exact(self.stream, view)
         self.bytes_received += view.nbytes
+
+    def read_into_parts(self, views: Sequence[memoryview]) -> None:
+        """Read exactly the views' total size of the current frame's body into them, in
+        order (one scattered read where the stream can)."""
+        recv_parts(self.stream, views)
+        self.bytes_received += sum(v.nbytes for v in views)
+
+    @property
+    def scatters(self) -> bool:
+        """Whether `read_into_parts` reads many views in one system call."""
+        return bool(getattr(self.stream, "scatters", False))
 
     def scratch(self, n: int) -> memoryview:
         """A reusable buffer of n bytes (at most a frame's cap), valid until the next call."""

@@ -50,15 +50,18 @@ log = logging.getLogger(__name__)
 #: a batch whose full pages form at most this many runs is read straight into the
 #: target's memory, one read per run; more runs are read at once and scattered
 DIRECT_RUNS = 64
+#: the same over a stream that scatters a read over many buffers (recvmsg_into, readv):
+#: one system call fills every run, and no copy through a buffer is made
+SCATTER_RUNS = 2048
 
 
-def _runs(pages: np.ndarray) -> list[tuple[int, int]] | None:
+def _runs(pages: np.ndarray, limit: int = DIRECT_RUNS) -> list[tuple[int, int]] | None:
     """(first page, count) of each run of consecutive page numbers; None when there are
-    more than DIRECT_RUNS."""
+    more than `limit`."""
     if not len(pages):
         return []
     breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    if len(breaks) >= DIRECT_RUNS:
+    if len(breaks) >= limit:
         return None
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [len(pages)]))
@@ -315,16 +318,15 @@ class Receiver:
         kinds = batch.kinds
         mem, fp = self.mem, self.fp
         full_pages = pages if n_full == len(pages) else pages[kinds == PageKind.FULL]
-        runs = _runs(full_pages)
-        if batch.encoding is Encoding.RAW and runs is not None:
+        runs = None
+        if batch.encoding is Encoding.RAW:
+            runs = _runs(full_pages, SCATTER_RUNS if ch.scatters else DIRECT_RUNS)
+        if runs is not None:
             # full pages go straight from the socket into the target's memory
-            for first, count in runs:
-                rows = mem[first : first + count]
-                ch.read_into(rows.data.cast("B"))
-                fp[first : first + count] = pg.fingerprints(rows, self.weights)
-                self.known_zero[first : first + count] = False
             rest = ch.scratch(batch.stored_length - n_full * ps)
-            ch.read_into(rest)
+            ch.read_into_parts([*(mem[a : a + n].data.cast("B") for a, n in runs), rest])
+            self._fingerprint(full_pages, runs)
+            self.known_zero[full_pages] = False
             data, data_off = rest, -n_full * ps  # offsets below are into the whole section
         else:
             stored = ch.scratch(batch.stored_length)
@@ -366,6 +368,25 @@ class Receiver:
                 self._counts.full += n_full
             else:
                 self._counts.compressed += n_full
+
+    def _fingerprint(self, pages: np.ndarray, runs: list[tuple[int, int]]) -> None:
+        """Fingerprint rows `pages` (in `runs`) of the target, just written: over their
+        whole span when the rows between are few (round 0 leaves out the zero pages),
+        else run by run, else gathered."""
+        if not len(pages):
+            return
+        mem, fp, w = self.mem, self.fp, self.weights
+        first, last = int(pages[0]), int(pages[-1])
+        span = last + 1 - first
+        if span == len(pages):
+            fp[first : last + 1] = pg.fingerprints(mem[first : last + 1], w)
+        elif span <= 2 * len(pages):
+            fp[pages] = pg.fingerprints(mem[first : last + 1], w)[pages - first]
+        elif len(runs) <= DIRECT_RUNS:
+            for a, n in runs:
+                fp[a : a + n] = pg.fingerprints(mem[a : a + n], w)
+        else:
+            fp[pages] = pg.fingerprints(mem[pages], w)
 
     def _finish(self, end: Any) -> None:
         """Check END against what arrived, acknowledge, wait for GO, resume."""

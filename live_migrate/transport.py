@@ -18,7 +18,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from live_migrate.errors import TransportError
@@ -26,6 +26,8 @@ from live_migrate.errors import TransportError
 DEFAULT_TIMEOUT = 30.0
 #: streams that cannot gather get parts joined up to this size per write
 COALESCE = 1 << 20
+#: buffers per sendmsg/recvmsg_into/readv call (Linux's IOV_MAX is 1024)
+IOV_LIMIT = 512
 
 
 @runtime_checkable
@@ -46,6 +48,8 @@ class SocketStream:
         self.sock = sock
         sock.settimeout(timeout)
         self._gather = not isinstance(sock, ssl.SSLSocket)
+        #: `recv_parts` fills many buffers per system call
+        self.scatters = self._gather
 
     def sendall(self, data: bytes | memoryview) -> None:
         self.sock.sendall(data)
@@ -56,7 +60,7 @@ class SocketStream:
             return
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         while views:
-            sent = self.sock.sendmsg(views[:512])
+            sent = self.sock.sendmsg(views[:IOV_LIMIT])
             while sent and views:
                 if sent >= len(views[0]):
                     sent -= len(views[0])
@@ -67,6 +71,15 @@ class SocketStream:
 
     def recv_into(self, buffer: memoryview) -> int:
         return self.sock.recv_into(buffer)
+
+    def recv_parts(self, views: Sequence[memoryview]) -> None:
+        """Fill every view, in order: plain TCP scatters each read over them (recvmsg),
+        so pages land in guest memory with no intermediate buffer."""
+        if not self._gather:
+            for v in views:
+                recv_exact(self, v)
+            return
+        _scatter_read(lambda bufs: self.sock.recvmsg_into(bufs)[0], views)
 
     def close(self) -> None:
         try:
@@ -121,6 +134,10 @@ class TLSStream(SocketStream):
 
     def send_parts(self, parts: Sequence[bytes | memoryview]) -> None:
         send_parts(_Plain(self), parts)
+
+    def recv_parts(self, views: Sequence[memoryview]) -> None:
+        for v in views:
+            recv_exact(self, v)
 
     def recv_into(self, buffer: memoryview) -> int:
         while True:
@@ -179,6 +196,8 @@ class RecvStream:
 class FdStream:
     """Two file descriptors as one stream (a receiver's stdin and stdout under SSH)."""
 
+    scatters = True  # readv
+
     def __init__(self, read_fd: int, write_fd: int) -> None:
         self.read_fd = read_fd
         self.write_fd = write_fd
@@ -191,6 +210,9 @@ class FdStream:
 
     def recv_into(self, buffer: memoryview) -> int:
         return os.readv(self.read_fd, [buffer])
+
+    def recv_parts(self, views: Sequence[memoryview]) -> None:
+        _scatter_read(lambda bufs: os.readv(self.read_fd, bufs), views)
 
     def close(self) -> None:
         for fd in {self.read_fd, self.write_fd}:
@@ -316,6 +338,46 @@ def recv_exact(stream: Stream, buffer: memoryview, *, may_idle: bool = False) ->
                 f"connection closed by the peer ({got} of {len(view)} bytes of a message)"
             )
         got += n
+
+
+def recv_parts(stream: Stream, views: Sequence[memoryview]) -> None:
+    """Fill every view in order from `stream`: in few system calls when the stream
+    scatters (plain sockets, pipes), else one `recv_exact` per view."""
+    scatter = getattr(stream, "recv_parts", None)
+    if scatter is not None:
+        scatter(views)
+        return
+    for v in views:
+        recv_exact(stream, v)
+
+
+def _scatter_read(read: Callable[[list[memoryview]], int], views: Sequence[memoryview]) -> None:
+    """Call `read` (recvmsg_into, readv) on the views not yet full until all are; at most
+    IOV_LIMIT of them per call."""
+    pending = [v.cast("B") if v.format != "B" else v for v in views if v.nbytes]
+    total = sum(v.nbytes for v in pending)
+    got = 0
+    i = 0
+    while i < len(pending):
+        try:
+            n = read(pending[i : i + IOV_LIMIT])
+        except TimeoutError as exc:
+            raise TransportError(f"receive timed out: {exc}") from exc
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"receive failed: {exc}") from exc
+        if not n:
+            raise TransportError(
+                f"connection closed by the peer ({got} of {total} bytes of a message)"
+            )
+        got += n
+        while n:
+            size = pending[i].nbytes
+            if n >= size:
+                n -= size
+                i += 1
+            else:
+                pending[i] = pending[i][n:]
+                n = 0
 
 
 # -- TCP and TLS ---------------------------------------------------------------------

@@ -305,3 +305,21 @@ def test_pages_turning_zero_and_back_migrate_exactly(
     # zero: they travel as flags
     assert report.pages.total == 600 + 4 * 75
     assert report.pages.zero > 200 + 4 * 30
+
+
+def test_a_nonzero_page_whose_fingerprint_is_zero_goes_as_data(receiver: ReceiverProcess) -> None:
+    """Sent from guest memory, a batch's zero test looks only at the pages whose
+    fingerprint is 0: a page of data with fingerprint 0 must still go as data."""
+    from live_migrate import pages as pg
+
+    guest = FlipGuest(64, "log")
+    w = pg.fingerprint_weights(4096)
+    guest.mem[7] = 0
+    guest.mem[7, 0], guest.mem[7, 1] = w[1], ~w[0] + np.uint64(1)  # w0*w1 - w1*w0 = 0
+    assert pg.fingerprints(guest.mem[7:8], w)[0] == 0
+    zero_pages = int((~guest.mem.any(axis=1)).sum())
+    report = Migration(guest, open_channels(receiver.address, 1), MigrationOptions()).run()
+    result = receiver.result()
+    assert report.completed, report.error
+    assert result["memory_sha256"] == hashlib.sha256(guest.mem.data).hexdigest()
+    assert report.pages.zero == result["pages"]["zero"] == zero_pages

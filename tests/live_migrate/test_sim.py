@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import mmap
+import os
 import time
 
 import numpy as np
 import pytest
 
 from live_migrate.errors import GuestError
-from live_migrate.guest import DirtyTracking, SourceGuest
-from live_migrate.guests.sim import SimGuest, parse_spec
+from live_migrate.guest import DirtyTracking, Geometry, SourceGuest
+from live_migrate.guests.sim import SimGuest, SimTarget, parse_spec
 
 
 def pages_of(guest: SimGuest) -> np.ndarray:
@@ -126,3 +128,39 @@ def test_writer_exits_with_its_parent_and_leaves_no_file(tmp_path) -> None:
         time.sleep(0.05)
     else:
         raise AssertionError("the writer outlived its parent")
+
+
+def _smaps(address: int, key: str) -> str:
+    """A field of this process's mapping at `address` (Linux /proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head, _, rest = line.partition(" ")
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == key + ":":
+                return rest.strip()
+    return ""
+
+
+@pytest.mark.skipif(
+    not hasattr(mmap, "MADV_HUGEPAGE") or not os.path.exists("/proc/self/smaps"),
+    reason="transparent huge pages are Linux only",
+)
+@pytest.mark.parametrize("prealloc", [False, True])
+def test_target_memory_asks_for_huge_pages(prealloc: bool) -> None:
+    """As QEMU does for guest RAM: the first touch of fresh memory is then one fault
+    per 2 MiB, not per 4 KiB page. Preallocated, every page is present at once."""
+    target = SimTarget(Geometry(4096, 1024), prealloc=prealloc)
+    try:
+        mem = np.frombuffer(target.memory(), dtype=np.uint8)
+        address = mem.ctypes.data
+        assert address % mmap.PAGESIZE == 0
+        assert "hg" in _smaps(address, "VmFlags").split()
+        rss = int(_smaps(address, "Rss").split()[0]) << 10
+        assert rss == (4 << 20 if prealloc else 0)
+        assert not mem.any()
+        del mem
+    finally:
+        target.close()

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -20,6 +21,7 @@ from live_migrate.errors import TransportError
 from live_migrate.guests.sim import SimGuest, parse_spec
 from live_migrate.states import MigrationState
 from live_migrate.transport import (
+    FdStream,
     LimitedStream,
     RateLimiter,
     RecvStream,
@@ -27,6 +29,7 @@ from live_migrate.transport import (
     open_channels,
     parse_address,
     recv_exact,
+    recv_parts,
     tls_client_context,
 )
 from tests.live_migrate.receiver_process import start_receiver
@@ -217,6 +220,86 @@ def test_recv_only_adapter_and_exact_reads() -> None:
     b.close()
     with pytest.raises(TransportError, match="closed by the peer"):
         recv_exact(stream, memoryview(bytearray(1)))
+
+
+def _scatter_views(sizes: list[int]) -> tuple[bytearray, list[memoryview]]:
+    buf = bytearray(sum(sizes) + len(sizes))  # a gap byte after each view stays 0xEE
+    buf[:] = b"\xee" * len(buf)
+    views, at = [], 0
+    for n in sizes:
+        views.append(memoryview(buf)[at : at + n])
+        at += n + 1
+    return buf, views
+
+
+@pytest.mark.parametrize("kind", ["socket", "pipe"])
+def test_scattered_reads_fill_every_view_across_partial_reads(kind: str) -> None:
+    """recvmsg_into / readv return as much as has arrived: the views are filled in
+    order whatever the split, past IOV_LIMIT views, and a gap between them is left."""
+    sizes = [1, 4096, 3, 0, 70000, *([5] * 700), 12345]
+    data = os.urandom(sum(sizes))
+    if kind == "socket":
+        a, b = socket.socketpair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        stream = SocketStream(b)
+        writer, closer = a.sendall, a.close
+    else:
+        r, w = os.pipe()
+        stream = FdStream(r, w)
+
+        def writer(chunk: bytes) -> None:
+            os.write(w, chunk)
+
+        def closer() -> None:
+            pass
+
+    def feed() -> None:
+        for i in range(0, len(data), 999):  # many small writes: many partial reads
+            writer(data[i : i + 999])
+            time.sleep(0.0001)
+
+    assert stream.scatters
+    t = threading.Thread(target=feed)
+    t.start()
+    buf, views = _scatter_views(sizes)
+    recv_parts(stream, views)
+    t.join()
+    assert b"".join(bytes(v) for v in views) == data
+    gaps = np.cumsum(np.array(sizes) + 1) - 1
+    assert set(bytes(buf[g] for g in gaps)) == {0xEE}  # the bytes between are untouched
+    closer()
+    stream.close()
+
+
+def test_scattered_read_reports_a_peer_that_closes_midway() -> None:
+    a, b = socket.socketpair()
+    a.sendall(b"x" * 100)
+    a.close()
+    _, views = _scatter_views([60, 60])
+    with pytest.raises(TransportError, match=r"closed by the peer \(100 of 120 bytes"):
+        recv_parts(SocketStream(b), views)
+
+
+def test_streams_that_cannot_scatter_read_view_by_view() -> None:
+    a, b = socket.socketpair()
+
+    class Channel:
+        def sendall(self, data):
+            a.sendall(data)
+
+        def recv(self, n):
+            return a.recv(min(n, 7))
+
+        def close(self):
+            a.close()
+
+    stream = RecvStream(Channel())
+    b.sendall(b"0123456789")
+    _, views = _scatter_views([3, 0, 7])
+    recv_parts(stream, views)
+    assert [bytes(v) for v in views] == [b"012", b"", b"3456789"]
+    a.close()
+    b.close()
 
 
 def test_parse_address() -> None:
