@@ -127,7 +127,8 @@ def cluster_mask(buf: memoryview, n: int, grain: int) -> np.ndarray:
     arr = np.frombuffer(buf, dtype=np.uint8, count=count * grain)
     if grain % 8 == 0:
         arr = arr.view(np.uint64)
-    return np.asarray(arr.reshape(count, -1).any(axis=1))
+    # an OR-reduction stays in the integers; any() converts every word to bool first
+    return np.bitwise_or.reduce(arr.reshape(count, -1), axis=1) != 0
 
 
 def differ_mask(a: memoryview, b: memoryview, n: int, grain: int) -> np.ndarray:
@@ -306,8 +307,13 @@ def _write_all(pending: list[PendingWrite]) -> None:
         pwrite_all(fd, data, offset)
 
 
-def default_workers() -> int:
-    # one more than the cores: reads block on I/O while others compress
+def default_workers(src: Image | None = None, dst: Image | None = None) -> int:
+    """One more than the cores when chunks are (de)compressed: reads block on I/O while
+    others compress. A plain copy is kernel work (the copies in and out of the page
+    cache) plus the writer's bookkeeping under the GIL: more reader threads only contend
+    with those (4 GiB disk, warm cache: 0.41 s with one reader, 0.49 s with three)."""
+    if src is not None and dst is not None and not (src.decodes or dst.encodes):
+        return 1
     return (os.cpu_count() or 2) + 1
 
 
@@ -339,7 +345,7 @@ def convert_image(
         src,
         dst,
         backing=backing,
-        workers=workers or default_workers(),
+        workers=workers or default_workers(src, dst),
         chunk=chunk,
         progress=progress,
     )

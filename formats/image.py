@@ -48,6 +48,10 @@ class Image:
     is_sequential: bool = False
     #: the unit at which the writer tracks allocation; the engine detects zeros at this size
     cluster_size: int = 65536
+    #: reading may decompress, writing compresses: CPU work that the conversion engine
+    #: spreads over a thread per core (a plain copy runs best on one reader thread)
+    decodes: bool = False
+    encodes: bool = False
     #: flush() makes what was written durable (fsync); without it the data is left to the
     #: kernel's writeback, as qemu-img's default `cache=unsafe` leaves it
     durable: bool = True

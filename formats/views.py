@@ -36,6 +36,7 @@ class WindowImage(Image):
         self.offset = offset
         self.format = parent.format
         self.cluster_size = parent.cluster_size
+        self.decodes = parent.decodes
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
         self.parent.readinto(self.offset + offset, buf)
@@ -91,6 +92,7 @@ class CompositeImage(Image):
         self.pieces = pieces
         self.starts = starts
         images = [p.image for p in pieces if p.image is not None]
+        self.decodes = any(i.decodes for i in images)
         if images:
             self.format = images[0].format
             self.cluster_size = images[0].cluster_size

@@ -443,6 +443,9 @@ class Qcow2Image(Image):
     """A qcow2 image opened for reading (the writer extends it)."""
 
     format = FORMAT
+    #: `decodes` reads at most this many L2 tables to learn whether any cluster is
+    #: compressed; a bigger image is assumed to hold some
+    DECODE_PROBE_TABLES = 64
     #: memory for cached L2 tables (qemu's default covers 8 GiB of a 64k-cluster image)
     l2_cache_bytes = DEFAULT_CACHE_BYTES
 
@@ -481,6 +484,27 @@ class Qcow2Image(Image):
         self.cache = TableCache(
             self._load_l2, self._store_l2, self.cluster_size, capacity_bytes=self.l2_cache_bytes
         )
+        self._decodes: bool | None = None
+
+    @property  # type: ignore[override]
+    def decodes(self) -> bool:
+        """Whether reading inflates compressed clusters (here or down the backing chain)."""
+        if self._decodes is None:
+            tables = self.l1 & np.uint64(L.OFFSET_MASK)
+            tables = tables[tables != 0]
+            if len(tables) > self.DECODE_PROBE_TABLES:
+                self._decodes = True
+            else:
+                flag = np.uint64(L.OFLAG_COMPRESSED)
+                step = 2 if self.extended else 1
+                self._decodes = any(
+                    bool((self.cache.get(int(t))[::step] & flag).any()) for t in tables.tolist()
+                )
+        return self._decodes or (self.backing is not None and self.backing.decodes)
+
+    @decodes.setter
+    def decodes(self, value: bool) -> None:
+        self._decodes = value
 
     # -- tables ---------------------------------------------------------------
     def _load_l2(self, offset: int) -> np.ndarray:
@@ -815,6 +839,7 @@ class SnapshotView(Image):
         self.parent = parent
         self.snap = snap
         self.cluster_size = parent.cluster_size
+        self.decodes = True
         needed = -(-size // (parent.l2_entries << parent.cluster_bits))
         if snap.l1_size < needed:
             raise _fail(

@@ -226,7 +226,7 @@ class Qcow2Writer(Qcow2Image):
 
     def _release(self, desc: np.ndarray) -> None:
         """Drop the host references of entries being replaced."""
-        if self.external or not len(desc):
+        if self.external or not desc.any():  # fresh clusters, the common case: nothing to drop
             return
         comp = (desc & np.uint64(L.OFLAG_COMPRESSED)) != 0
         off = desc & np.uint64(L.OFFSET_MASK)
@@ -879,7 +879,7 @@ def create(path: str, size: int, *, final_path: str | None = None, **options: An
             os.unlink(data_path)
         raise
     assert isinstance(img, Qcow2Writer)
-    img.compress = compress
+    img.compress = img.encodes = compress
     if prealloc == "metadata":
         img.preallocate_metadata()
     return img

@@ -79,6 +79,7 @@ class VmdkImage(Image):
         self.descriptor = desc
         self.header = header
         self.parts = extents
+        self.decodes = any(e.compressed for e in extents)
         self.starts: list[int] = []
         pos = 0
         for e in extents:

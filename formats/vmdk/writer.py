@@ -303,6 +303,7 @@ class StreamWriter(Image):
 
     format = "vmdk"
     is_sequential = True
+    encodes = True
     cluster_size = L.DEFAULT_GRAIN_SECTORS * L.SECTOR
 
     def __init__(

@@ -180,3 +180,24 @@ def test_durable_output_is_fsynced_and_unsafe_is_not(tmp_path, monkeypatch, fmt,
     if fmt == "vhdx" and not durable:
         assert len(ours) <= 2, ours  # the two header writes of creation, nothing at close
     qemu_img("compare", src, str(dst))
+
+
+def test_plain_copies_read_on_one_thread_compression_on_every_core(tmp_path):
+    from formats.convert import default_workers
+
+    src = make_raw(tmp_path / "src.raw", 4 * MiB, [(0, b"x" * MiB)])
+    many = (os.cpu_count() or 2) + 1
+    with formats.open(src) as s:
+        for opts, expect in (({}, 1), ({"compress": True}, many)):
+            out = tmp_path / f"o{expect}.qcow2"
+            with formats.create(str(out), "qcow2", s.size, **opts) as d:
+                assert default_workers(s, d) == expect
+        with formats.create(
+            str(tmp_path / "s.vmdk"), "vmdk", s.size, subformat="streamOptimized"
+        ) as d:
+            assert default_workers(s, d) == many
+    for flags, expect in (([], 1), (["-c"], many)):  # compressed clusters need inflating
+        path = str(tmp_path / f"c{expect}.qcow2")
+        qemu_img("convert", *flags, "-O", "qcow2", src, path)
+        with formats.open(path) as c, formats.create(path + ".raw", "raw", c.size) as d:
+            assert default_workers(c, d) == expect
