@@ -27,10 +27,11 @@ import numpy as np
 
 from .errors import FormatError
 from .extents import Extent, Kind, coalesce, intersect_data, union_data
-from .fileio import pwrite_all
+from .fileio import pwrite_all, start_writeback
 from .image import Image, PendingWrite
 
 CHUNK = 4 << 20
+WRITEBACK_EVERY = 32 << 20
 MAX_CHUNK = 8 << 20
 #: zero detection below this size would cost more than it saves
 MIN_GRAIN = 4096
@@ -171,6 +172,7 @@ class _Engine:
         self.done = 0
         self.buffers = _BufferPool(self.chunk)
         self.writes: collections.deque[cf.Future[None]] = collections.deque()
+        self.unsynced: dict[int, int] = {}
 
     def _buffer(self, piece: _Piece, n: int) -> memoryview:
         """A chunk buffer whose bytes past n (up to the next grain) are zero."""
@@ -237,8 +239,19 @@ class _Engine:
 
     def _issue(self, pending: list[PendingWrite], piece: _Piece) -> None:
         _write_all(pending)  # its frame, and the views it held, end before recycling
+        if self.dst.durable:
+            self._writeback(pending)
         pending.clear()
         self._recycle(piece)
+
+    def _writeback(self, pending: list[PendingWrite]) -> None:
+        """Start the kernel's writeback every WRITEBACK_EVERY bytes, so the disk works
+        while we convert instead of all at the close's fsync (runs on the writer thread)."""
+        for fd, data, _ in pending:
+            self.unsynced[fd] = self.unsynced.get(fd, 0) + len(data)
+            if self.unsynced[fd] >= WRITEBACK_EVERY:
+                self.unsynced[fd] = 0
+                start_writeback(fd)
 
     def _recycle(self, piece: _Piece) -> None:
         for buf in piece.buffers:

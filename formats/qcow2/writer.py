@@ -24,7 +24,7 @@ import numpy as np
 from ..backing import BackingPolicy
 from ..errors import CorruptImage, FormatError, UnsupportedFeature
 from ..extents import runs
-from ..fileio import file_size, pread_exact, punch_hole, pwrite_all, start_writeback
+from ..fileio import file_size, pread_exact, punch_hole, pwrite_all
 from ..options import parse_bool, parse_choice, parse_size
 from . import compression
 from . import layout as L
@@ -32,8 +32,6 @@ from .image import Metadata, Qcow2Image, Snapshot
 from .refcounts import Refcounts, dtype_for, unpack
 
 _ZEROS = bytes(8 << 20)
-#: start the kernel's writeback after this many bytes, so the final fsync finds little left
-WRITEBACK_EVERY = 32 << 20
 
 
 @dataclass
@@ -93,7 +91,6 @@ class Qcow2Writer(Qcow2Image):
         self._header_dirty = False
         #: next free byte of the compressed area (inside the file's last cluster), or None
         self._cz_pos: int | None = None
-        self._unsynced = 0
         self._grew()
         if self._reftable_dirty:
             self._begin()  # the rebuilt refcounts are written back even if nothing else is
@@ -126,12 +123,6 @@ class Qcow2Writer(Qcow2Image):
 
     def _grew(self) -> None:
         self.host_limit = max(self.meta.file_size, self.rc.end << self.cluster_bits)
-
-    def _wrote(self, fd: int, n: int) -> None:
-        self._unsynced += n
-        if self._unsynced >= WRITEBACK_EVERY and self.durable:
-            self._unsynced = 0
-            start_writeback(fd)
 
     def _data_out(self) -> int:
         assert self.data_fd is not None, "an external data file is open with its image"
@@ -289,7 +280,6 @@ class Qcow2Writer(Qcow2Image):
             gs = max(s, (c0 + ka) << cb)
             ge = min(e, (c0 + kb) << cb)
             self._pwrite(fd, data[gs - s : ge - s], int(host[ka]) + gs - ((c0 + ka) << cb))
-        self._wrote(fd, e - s)
         new_desc = host | np.uint64(L.OFLAG_COPIED)
         new_bmp = None
         if bmp is not None:
@@ -465,7 +455,6 @@ class Qcow2Writer(Qcow2Image):
         breaks = np.flatnonzero(pos[1:] != ends[:-1]) + 1
         for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), len(blobs)]):
             self._pwrite(self.fd, b"".join(blobs[a:b]), int(pos[a]))
-        self._wrote(self.fd, int(lens.sum()))
         nsect = ((ends - 1) >> 9) - (pos >> 9)
         desc = (
             np.uint64(L.OFLAG_COMPRESSED)
