@@ -4,7 +4,11 @@ Notation (docs/migration.md explains it at length): memory M bytes, of which a f
 is zero pages at the start; bandwidth B bytes/s; the guest writes at D bytes/s (pages
 written x page size) spread over a writable working set W (the pages it writes at all).
 
-- Round 0 sends every non-zero page: M(1 - z) bytes, in t0 = M(1 - z) / B.
+- Round 0 sends every non-zero page: M(1 - z) bytes, in t0 = M(1 - z) / B, plus the zero
+  pages the guest writes before round 0 reaches them (they go as data): with a region's
+  pages spread over memory, round 0 reaches a page at a uniformly distributed time in
+  [0, t0], so that is z times the region's mean dirtied(t) over [0, t0] (t0 grows by
+  what they cost: a fixed point, found in a few steps).
 - Round i sends the pages dirtied during round i-1. A guest writing uniformly at random
   over W at rate D touches W(1 - exp(-D t / W)) distinct bytes in t seconds (a page
   written twice is sent once); that is D t while D t << W and saturates at W, the
@@ -53,6 +57,18 @@ class Region:
         if self.sequential:
             return min(self.rate * seconds, float(self.size))
         return self.size * -math.expm1(-self.rate * seconds / self.size)
+
+    def mean_dirtied(self, seconds: float) -> float:
+        """The mean of `dirtied(t)` over t in [0, seconds]: the bytes of the region
+        written before a pass that reaches each page at a uniformly distributed time."""
+        if self.rate <= 0 or seconds <= 0 or self.size <= 0:
+            return 0.0
+        w, a = float(self.size), self.rate * seconds / self.size
+        if self.sequential:
+            return w * a / 2 if a <= 1 else w * (1 - 1 / (2 * a))
+        if a < 1e-6:
+            return w * a / 2
+        return w * (1 + math.expm1(-a) / a)
 
 
 @dataclass
@@ -105,10 +121,13 @@ def plan(
     schedule: list[PlanRound] = []
     throttle = 0.0
     high = 0
-    data0 = memory * (1 - zero_fraction)
-    zero_pages = memory * zero_fraction / page_size
-    wire_total = data0 * wire_per_byte + zero_pages * PAGE_OVERHEAD
-    seconds = wire_total / bandwidth + scan
+    seconds = 0.0
+    for _ in range(8):  # zero pages written before round 0 reaches them go as data
+        written = min(sum(r.mean_dirtied(seconds) for r in regions), memory)
+        data0 = memory * (1 - zero_fraction) + zero_fraction * written
+        zero_pages = (memory - data0) / page_size
+        wire_total = data0 * wire_per_byte + zero_pages * PAGE_OVERHEAD
+        seconds = wire_total / bandwidth + scan
     schedule.append(PlanRound(0, data0, seconds, 0.0))
     elapsed = seconds
     sent_last = wire_total

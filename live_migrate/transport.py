@@ -223,15 +223,18 @@ class FdStream:
 
 
 class RateLimiter:
-    """A token bucket shared by every channel of one migration: at most `rate` bytes per
-    second in total, with bursts of at most `burst` bytes (default 20 ms of rate)."""
+    """A token bucket shared by every channel of one migration: `rate` bytes per second
+    in total. It starts empty, so that from its creation on no more than rate x t bytes
+    go in t seconds; while the senders idle it saves up to `burst` bytes (default 100 ms
+    of rate, QEMU's rate-limit window), so that a sender that lost the CPU or waited for
+    its encoders catches up to the cap instead of falling below it for good."""
 
     def __init__(self, rate: float, burst: int | None = None) -> None:
         if rate <= 0:
             raise ValueError(f"bandwidth cap must be positive, not {rate}")
         self.rate = float(rate)
-        self.burst = burst or max(int(rate * 0.02), 64 << 10)
-        self._tokens = float(self.burst)
+        self.burst = burst or max(int(rate * 0.1), 64 << 10)
+        self._tokens = 0.0
         self._last = time.monotonic()
         self._lock = threading.Lock()
         self.enabled = True

@@ -85,3 +85,31 @@ def test_cli_plan() -> None:
     res = p2v("migrate", "--plan", "--memory", "1G", "--dirty-rate", "200M", "--bandwidth", "100M")
     assert res.returncode == 1 and "does NOT converge" in res.stdout
     assert "auto-converge may help" in res.stdout
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_mean_dirtied_is_the_mean_over_the_pass(sequential: bool) -> None:
+    region = Region(256 << 20, 100e6, sequential=sequential)
+    for seconds in (1e-3, 0.5, 2.0, 30.0):
+        steps = 20000
+        numeric = sum(region.dirtied(seconds * (i + 0.5) / steps) for i in range(steps)) / steps
+        assert region.mean_dirtied(seconds) == pytest.approx(numeric, rel=1e-4)
+    assert region.mean_dirtied(0.0) == 0.0
+
+
+def test_zero_pages_written_before_round_0_reaches_them_go_as_data() -> None:
+    """Round 0 of a guest that writes a quarter-zero memory finds fewer zero pages than
+    there were at the start: the writes that landed on zero pages ahead of it (half of
+    them, early in a long round 0) make them data."""
+    writes = Region(M, 50e6)
+    still = planner.plan(M, B, [], zero_fraction=0.25)
+    busy = planner.plan(M, B, [writes], zero_fraction=0.25, max_rounds=60)
+    t0 = busy.schedule[0].seconds
+    expected = 0.25 * writes.mean_dirtied(t0)
+    assert busy.schedule[0].bytes == pytest.approx(0.75 * M + expected, rel=1e-9)
+    assert 0.4 * 0.25 * 50e6 * t0 < expected < 0.5 * 0.25 * 50e6 * t0  # about D t0 z / 2
+    # and t0 is the time those bytes take: the fixed point holds
+    wire = busy.schedule[0].bytes * (4096 + PAGE_OVERHEAD) / 4096
+    wire += (M - busy.schedule[0].bytes) / 4096 * PAGE_OVERHEAD
+    assert t0 == pytest.approx(wire / B, rel=1e-6)
+    assert t0 > still.schedule[0].seconds
