@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import FormatError
 from .extents import Extent, Kind, coalesce, intersect_data, union_data
-from .fileio import pwrite_all, start_writeback
+from .fileio import preallocate, pwrite_all, start_writeback
 from .image import Image, PendingWrite
 
 CHUNK = 4 << 20
@@ -173,6 +173,8 @@ class _Engine:
         self.buffers = _BufferPool(self.chunk)
         self.writes: collections.deque[cf.Future[None]] = collections.deque()
         self.unsynced: dict[int, int] = {}
+        #: outputs that cannot preallocate (block devices, some filesystems)
+        self.no_prealloc: set[int] = set()
 
     def _buffer(self, piece: _Piece, n: int) -> memoryview:
         """A chunk buffer whose bytes past n (up to the next grain) are zero."""
@@ -238,7 +240,7 @@ class _Engine:
         return pending
 
     def _issue(self, pending: list[PendingWrite], piece: _Piece) -> None:
-        _write_all(pending)  # its frame, and the views it held, end before recycling
+        _write_all(pending, self.no_prealloc)  # its frame and views end before recycling
         if self.dst.durable:
             self._writeback(pending)
         pending.clear()
@@ -315,8 +317,15 @@ class _Engine:
             self._store(f.result(), pool)
 
 
-def _write_all(pending: list[PendingWrite]) -> None:
+#: data writes at least this long are preallocated first (smaller ones lose by it)
+PREALLOCATE_MIN = 256 << 10
+
+
+def _write_all(pending: list[PendingWrite], no_prealloc: set[int]) -> None:
     for fd, data, offset in pending:
+        big = len(data) >= PREALLOCATE_MIN and fd not in no_prealloc
+        if big and not preallocate(fd, offset, len(data)):
+            no_prealloc.add(fd)
         pwrite_all(fd, data, offset)
 
 

@@ -201,3 +201,29 @@ def test_plain_copies_read_on_one_thread_compression_on_every_core(tmp_path):
         qemu_img("convert", *flags, "-O", "qcow2", src, path)
         with formats.open(path) as c, formats.create(path + ".raw", "raw", c.size) as d:
             assert default_workers(c, d) == expect
+
+
+def test_preallocated_output_holds_exactly_the_data_runs(tmp_path):
+    # runs long enough to be preallocated, with a zero gap: the output allocates the data
+    # and nothing else, and its size is the image's, not the last preallocation's end
+    runs = [(2 * MiB, os.urandom(3 * MiB)), (9 * MiB, os.urandom(MiB + 4096))]
+    src = make_raw(tmp_path / "src.raw", 16 * MiB, runs)
+    dst = tmp_path / "dst.raw"
+    with formats.open(src) as s:
+        convert(s, str(dst), "raw")
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        assert os.fstat(fd).st_size == 16 * MiB
+        data, pos = [], 0
+        while True:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            data.append((start, pos))
+    finally:
+        os.close(fd)
+    expect = [(off, off + -(-len(b) // 4096) * 4096) for off, b in runs]  # ext4 blocks
+    assert data == expect
+    qemu_img("compare", "-f", "raw", "-F", "raw", src, str(dst))
