@@ -23,12 +23,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from .errors import FormatError
 from .extents import Extent, Kind, coalesce, intersect_data, union_data
 from .fileio import preallocate, pwrite_all, start_writeback
 from .image import Image, PendingWrite
+from .zeros import differ_mask, mask_runs, nonzero_mask
 
 CHUNK = 4 << 20
 WRITEBACK_EVERY = 32 << 20
@@ -122,34 +121,6 @@ def _cut(start: int, end: int, chunk: int) -> Iterator[Extent]:
         pos = nxt
 
 
-def cluster_mask(buf: memoryview, n: int, grain: int) -> np.ndarray:
-    """One bool per grain of buf[:n]: True where the grain holds a non-zero byte."""
-    count = -(-n // grain)
-    arr = np.frombuffer(buf, dtype=np.uint8, count=count * grain)
-    if grain % 8 == 0:
-        arr = arr.view(np.uint64)
-    # an OR-reduction stays in the integers; any() converts every word to bool first
-    return np.bitwise_or.reduce(arr.reshape(count, -1), axis=1) != 0
-
-
-def differ_mask(a: memoryview, b: memoryview, n: int, grain: int) -> np.ndarray:
-    count = -(-n // grain)
-    x = np.frombuffer(a, dtype=np.uint8, count=count * grain)
-    y = np.frombuffer(b, dtype=np.uint8, count=count * grain)
-    if grain % 8 == 0:
-        x, y = x.view(np.uint64), y.view(np.uint64)
-    return np.asarray((x != y).reshape(count, -1).any(axis=1))
-
-
-def _mask_runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
-    """(first, count) of each run of True."""
-    if not mask.any():
-        return
-    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
-    for s, e in zip(edges[0::2].tolist(), edges[1::2].tolist()):
-        yield s, e - s
-
-
 class _Engine:
     def __init__(
         self,
@@ -198,14 +169,14 @@ class _Engine:
             if bn:
                 self.backing.readinto(rng.start, base[:bn])
             write = differ_mask(mv, base, n, self.grain)
-            nonzero = cluster_mask(mv, n, self.grain)
-            for first, count in _mask_runs(write & ~nonzero):
+            nonzero = nonzero_mask(mv, n, self.grain)
+            for first, count in mask_runs(write & ~nonzero):
                 s, e = self._span(rng, first, count)
                 piece.zero_runs.append((s, e - s))
             write &= nonzero
         else:
-            write = cluster_mask(mv, n, self.grain)
-        for first, count in _mask_runs(write):
+            write = nonzero_mask(mv, n, self.grain)
+        for first, count in mask_runs(write):
             s, e = self._span(rng, first, count)
             data = mv[s - rng.start : e - rng.start]
             piece.runs.append((s, self.dst.encode(s, data), e - s))

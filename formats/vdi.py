@@ -23,12 +23,13 @@ from construct import Bytes, ConstructError, Int32ul, Int64ul, Struct
 
 from .backing import BackingPolicy
 from .errors import CorruptImage, FormatError, UnsupportedFeature
-from .extents import Extent, Kind, from_cluster_kinds, runs
+from .extents import Extent, Kind, from_cluster_kinds
 from .fileio import file_size, pread_exact, preadinto, punch_hole, pwrite_all
 from .image import CheckResult, Image
 from .magic import VDI_SIGNATURE
 from .magic import vdi as matches  # noqa: F401  (the probe rule, re-exported)
 from .options import parse_bool, parse_choice
+from .zeros import nonzero_runs
 
 FORMAT = "vdi"
 
@@ -76,29 +77,6 @@ Header = Struct(
     "LCHSGeometry" / Geometry,
 )
 HEADER_BYTES = Header.sizeof()  # 472
-
-
-#: granule at which fresh blocks skip zeros: they read as zeros unwritten (a file hole)
-ZERO_GRAIN = 64 << 10
-
-
-def nonzero_runs(data: memoryview, grain: int = ZERO_GRAIN) -> list[tuple[int, int]]:
-    """(start, end) of the grains of `data` that hold a non-zero byte, merged."""
-    n = len(data)
-    full = n - n % grain
-    out: list[tuple[int, int]] = []
-    if full:
-        arr = np.frombuffer(data, np.uint8, count=full).reshape(-1, grain)
-        mask = arr.view(np.uint64).any(axis=1) if grain % 8 == 0 else arr.any(axis=1)
-        for first, count, value in runs(np.asarray(mask, dtype=np.uint8)):
-            if value:
-                out.append((first * grain, (first + count) * grain))
-    if full < n and bytes(data[full:]).count(0) != n - full:
-        if out and out[-1][1] == full:
-            out[-1] = (out[-1][0], n)
-        else:
-            out.append((full, n))
-    return out
 
 
 #: block map entries kept per chunk (256 KiB); a chunk of never-written entries is not

@@ -27,13 +27,14 @@ from construct import Array, Bytes, ConstructError, Int8ub, Int16ub, Int32ub, In
 
 from .backing import BackingPolicy, open_backing, resolve
 from .errors import CorruptImage, FormatError, UnsafeImage, UnsupportedFeature
-from .extents import Extent, Kind, from_cluster_kinds, runs
+from .extents import Extent, Kind, from_cluster_kinds
 from .fileio import file_size, pread_exact, preadinto, punch_hole, pwrite_all
 from .image import CheckResult, Image
 from .magic import VHD_COOKIE
 from .magic import vpc as matches  # noqa: F401  (the probe rule, re-exported)
 from .options import parse_bool, parse_choice, parse_size
 from .raw import RawImage
+from .zeros import nonzero_runs
 
 FORMAT = "vpc"
 
@@ -231,29 +232,6 @@ def _footer_problems(raw: bytes, footer, where: str) -> list[str]:
             f"vpc: footer checksum at {where} is {footer.checksum:#010x}, computed {want:#010x}"
         )
     return problems
-
-
-#: granule at which fresh blocks skip zeros: they read as zeros unwritten (a file hole)
-ZERO_GRAIN = 64 << 10
-
-
-def nonzero_runs(data: memoryview, grain: int = ZERO_GRAIN) -> list[tuple[int, int]]:
-    """(start, end) of the grains of `data` that hold a non-zero byte, merged."""
-    n = len(data)
-    full = n - n % grain
-    out: list[tuple[int, int]] = []
-    if full:
-        arr = np.frombuffer(data, np.uint8, count=full).reshape(-1, grain)
-        mask = arr.view(np.uint64).any(axis=1) if grain % 8 == 0 else arr.any(axis=1)
-        for first, count, value in runs(np.asarray(mask, dtype=np.uint8)):
-            if value:
-                out.append((first * grain, (first + count) * grain))
-    if full < n and bytes(data[full:]).count(0) != n - full:
-        if out and out[-1][1] == full:
-            out[-1] = (out[-1][0], n)
-        else:
-            out.append((full, n))
-    return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from ..extents import Extent, Kind, from_cluster_kinds, runs
 from ..fileio import file_size, preadinto, punch_hole, pwrite_all
 from ..image import CheckResult, Image
 from ..options import parse_bool, parse_choice, parse_size
+from ..zeros import nonzero_runs
 from . import layout as L
 from .log import Overlay, find_replay, validate
 
@@ -46,29 +47,6 @@ OLD, FRESH, OURS = 0, 1, 2
 
 def _guid_str(raw: bytes) -> str:
     return "{" + str(uuid.UUID(bytes_le=bytes(raw))).upper() + "}"
-
-
-#: granule at which fresh blocks skip zeros: they read as zeros unwritten (a file hole)
-ZERO_GRAIN = 64 << 10
-
-
-def nonzero_runs(data: memoryview, grain: int = ZERO_GRAIN) -> list[tuple[int, int]]:
-    """(start, end) of the grains of `data` that hold a non-zero byte, merged."""
-    n = len(data)
-    full = n - n % grain
-    out: list[tuple[int, int]] = []
-    if full:
-        arr = np.frombuffer(data, np.uint8, count=full).reshape(-1, grain)
-        mask = arr.view(np.uint64).any(axis=1) if grain % 8 == 0 else arr.any(axis=1)
-        for first, count, value in runs(np.asarray(mask, dtype=np.uint8)):
-            if value:
-                out.append((first * grain, (first + count) * grain))
-    if full < n and bytes(data[full:]).count(0) != n - full:
-        if out and out[-1][1] == full:
-            out[-1] = (out[-1][0], n)
-        else:
-            out.append((full, n))
-    return out
 
 
 class VhdxImage(Image):
