@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from formats.fileio import write_file_atomic
+
 from .errors import DriverError
 from .machine import DiskSpec, MachineSpec, file_stem
 
@@ -186,10 +188,7 @@ class Platform:
         self.check(spec)
         path = self.definition_path(spec, outdir)
         data = self.render(spec, outdir)
-        tmp = path + ".partial"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_file_atomic(path, data)
         return path
 
     def checklist(self, source: MachineSpec, target: MachineSpec) -> list[str]:

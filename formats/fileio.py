@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -77,6 +78,28 @@ def preallocate(fd: int, offset: int, length: int) -> bool:
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV, errno.ENOSPC):
         return False
     raise OSError(err, os.strerror(err))
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """Small files (VM definitions, descriptors, job state): written beside `path`,
+    fsynced, then renamed over it, so a power cut leaves the old file or the new one."""
+    tmp = path + ".partial"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        pwrite_all(fd, data, 0)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)  # the rename itself
+    finally:
+        os.close(dfd)
 
 
 def file_size(fd: int) -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from formats.errors import FormatError
+from formats.fileio import write_file_atomic
 from formats.image import Image
 
 log = logging.getLogger(__name__)
@@ -149,11 +150,7 @@ def describe(inv: dict[str, Any], disks: list[ClonedDisk], *, source: str) -> di
 
 def write_description(outdir: str, description: dict[str, Any]) -> str:
     path = os.path.join(outdir, MACHINE_FILE)
-    tmp = path + ".partial"
-    with open(tmp, "w") as f:
-        json.dump(description, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_file_atomic(path, (json.dumps(description, indent=2) + "\n").encode())
     return path
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from ..errors import CorruptImage, FormatError, UnsafeImage
+from ..fileio import write_file_atomic
 from . import descriptor as ovfdesc
 from . import manifest as ovfmf
 from . import ustar
@@ -295,10 +296,7 @@ def write_package(
     h.update(desc)
     mf = ovfmf.build([(desc_name, h.hexdigest()), *entries], digest)
     for fname, data in ((desc_name, desc), (f"{name}.mf", mf)):
-        tmp = os.path.join(outdir, fname + ".partial")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, os.path.join(outdir, fname))
+        write_file_atomic(os.path.join(outdir, fname), data)
     return os.path.join(outdir, desc_name)
 
 

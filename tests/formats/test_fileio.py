@@ -1,0 +1,40 @@
+"""formats.fileio: the small-file writer and preallocation."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from formats.fileio import preallocate, write_file_atomic
+
+
+def test_write_file_atomic_replaces_and_leaves_no_partial(tmp_path):
+    path = tmp_path / "vm.xml"
+    path.write_bytes(b"old")
+    write_file_atomic(str(path), b"new definition")
+    assert path.read_bytes() == b"new definition"
+    assert sorted(os.listdir(tmp_path)) == ["vm.xml"]
+
+
+def test_write_file_atomic_failure_keeps_the_old_file(tmp_path):
+    path = tmp_path / "machine.json"
+    path.write_bytes(b"old")
+    with pytest.raises(TypeError):
+        write_file_atomic(str(path), "not bytes")  # type: ignore[arg-type]
+    assert path.read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["machine.json"]
+
+
+def test_preallocate_keeps_size_and_reads_zeros(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 10)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert preallocate(fd, 4096, 1 << 20)
+        assert os.fstat(fd).st_size == 10
+        assert os.fstat(fd).st_blocks * 512 >= 1 << 20  # the blocks are there
+        os.pwrite(fd, b"y", (1 << 20) + 4095)
+        assert os.pread(fd, 4096, 4096) == bytes(4096)
+    finally:
+        os.close(fd)
