@@ -281,6 +281,8 @@ def creation_options(img: Image, path: str) -> dict[str, Any]:
         ):
             if str(ddb.get(key, "")).isdigit():
                 opts[opt] = ddb[key]
+        if ddb.get("ddb.uuid"):
+            opts["uuid"] = ddb["ddb.uuid"]  # vSphere knows the disk by it
     elif fmt == "vpc":
         sub = info["subformat"]
         if sub != "differencing":
@@ -296,6 +298,8 @@ def creation_options(img: Image, path: str) -> dict[str, Any]:
         opts["block_size"] = info["block-size"]
         opts["log_size"] = info["log-size"]
         opts["logical_sector_size"] = info["logical-sector-size"]
+        if info.get("virtual-disk-id"):
+            opts["disk_id"] = info["virtual-disk-id"]  # Hyper-V and children know it by it
     elif fmt == "vdi":
         opts["subformat"] = info["subformat"]
         opts["uuid"] = info["uuid"]  # VirtualBox's media registry knows the disk by it

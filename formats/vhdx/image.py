@@ -846,12 +846,18 @@ def create(
     block_state_zero: bool | str = True,
     backing_file: str | None = None,
     backing_fmt: str | None = None,
+    disk_id: str | None = None,
     **options: Any,
 ) -> Image:
     """Create a VHDX (qemu's options: subformat, block_size, log_size, block_state_zero;
-    plus logical_sector_size, and backing_file for a differencing disk)."""
+    plus logical_sector_size, backing_file for a differencing disk, and disk_id, the
+    virtual disk's GUID, which a rewritten disk keeps: Hyper-V and children know it by it)."""
     if options:
         raise FormatError(f"vhdx: unknown options {', '.join(sorted(options))}")
+    try:
+        ident_id = uuid.UUID(disk_id.strip("{}")) if disk_id is not None else uuid.uuid4()
+    except ValueError:
+        raise FormatError(f"vhdx: invalid disk_id {disk_id!r}") from None
     subformat = parse_choice(str(subformat), "subformat", ("dynamic", "fixed"))
     zero_state = parse_bool(block_state_zero, "block_state_zero")
     lss = (
@@ -935,7 +941,7 @@ def create(
             L.VirtualDiskSize.build({"virtual_disk_size": size}),
             L.META_IS_VIRTUAL_DISK | L.META_IS_REQUIRED,
         ),
-        (L.VIRTUAL_DISK_ID, uuid.uuid4().bytes_le, L.META_IS_VIRTUAL_DISK | L.META_IS_REQUIRED),
+        (L.VIRTUAL_DISK_ID, ident_id.bytes_le, L.META_IS_VIRTUAL_DISK | L.META_IS_REQUIRED),
         (
             L.LOGICAL_SECTOR_SIZE,
             L.SectorSize.build({"sector_size": lss}),

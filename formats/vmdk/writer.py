@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import secrets
-import uuid
+import uuid as uuid_mod
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -57,9 +58,18 @@ MAX_SPARSE_BYTES = (1 << 32) * L.SECTOR
 DEFAULT_COMPRESSION_LEVEL = 3
 
 
-def _uuid_text() -> str:
-    b = uuid.uuid4().bytes
+def _uuid_text(b: bytes | None = None) -> str:
+    """ddb.uuid as VMware writes it: "xx xx xx xx xx xx xx xx-xx xx xx xx xx xx xx xx"."""
+    b = uuid_mod.uuid4().bytes if b is None else b
     return " ".join(f"{x:02x}" for x in b[:8]) + "-" + " ".join(f"{x:02x}" for x in b[8:])
+
+
+def _parse_uuid(text: str) -> str:
+    """`uuid`: a ddb.uuid as VMware writes it, or any spelling of a UUID."""
+    digits = re.sub(r"[\s{}-]", "", str(text))
+    if not re.fullmatch(r"[0-9a-fA-F]{32}", digits):
+        raise FormatError(f"vmdk: invalid uuid {text!r}")
+    return _uuid_text(bytes.fromhex(digits))
 
 
 def geometry(sectors: int, adapter: str) -> tuple[int, int, int]:
@@ -101,6 +111,7 @@ def create(
     backing_fmt: str | None = None,
     compress: bool | str = False,
     compression_level: int | str | None = None,
+    uuid: str | None = None,
     **options: Any,
 ) -> Image:
     if options:
@@ -159,7 +170,7 @@ def create(
         "ddb.geometry.sectors": str(spt),
         "ddb.longContentID": secrets.token_hex(16),
         "ddb.toolsVersion": tools,
-        "ddb.uuid": _uuid_text(),
+        "ddb.uuid": _uuid_text() if uuid is None else _parse_uuid(uuid),
         "ddb.virtualHWVersion": hw,
     }
     try:

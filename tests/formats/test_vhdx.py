@@ -575,3 +575,14 @@ def test_random_writes_on_a_differencing_disk(tmp_path, ops):
     with formats.open(child, "vhdx") as img:
         assert img.read(0, size) == bytes(model)
     assert libvhdi_read(child, parent=base) == bytes(model)
+
+
+def test_disk_id_option_is_the_virtual_disk_id_and_refuses_garbage(tmp_path):
+    guid = "{6F1B2C3D-4E5F-4071-8293-A4B5C6D7E8F9}"
+    with formats.create(str(tmp_path / "a.vhdx"), "vhdx", MiB, disk_id=guid) as img:
+        pass
+    with formats.open(str(tmp_path / "a.vhdx")) as img:
+        assert img.info()["virtual-disk-id"] == guid
+    with pytest.raises(formats.FormatError, match="invalid disk_id"):
+        formats.create(str(tmp_path / "b.vhdx"), "vhdx", MiB, disk_id="nope")
+    assert not (tmp_path / "b.vhdx").exists()

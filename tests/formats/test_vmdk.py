@@ -987,3 +987,16 @@ def test_descriptor_ends_at_its_first_nul_like_qemus():
     desc = dd.parse(text + b"\0" + b'k"\n' + bytes(64), "test")
     assert desc.cid == 0x4F29DE
     assert len(desc.extents) == 1
+
+
+def test_uuid_option_sets_ddb_uuid_in_vmware_spelling_and_refuses_garbage(tmp_path):
+    u = "60 00 C2 9a 1b 2c 3d 4e-5f 60 71 82 93 a4 b5 c6"
+    with formats.create(str(tmp_path / "a.vmdk"), "vmdk", MiB, uuid=u) as img:
+        assert img.descriptor.ddb["ddb.uuid"] == u.lower()
+    with formats.create(
+        str(tmp_path / "b.vmdk"), "vmdk", MiB, uuid="{6000c29a-1b2c-3d4e-5f60-718293a4b5c6}"
+    ) as img:
+        assert img.descriptor.ddb["ddb.uuid"] == u.lower()
+    with pytest.raises(formats.FormatError, match="invalid uuid"):
+        formats.create(str(tmp_path / "c.vmdk"), "vmdk", MiB, uuid="60 00 c2")
+    assert not (tmp_path / "c.vmdk").exists()
