@@ -278,7 +278,7 @@ class _Engine:
 
     def _drain_one(self, inflight: collections.deque[cf.Future[_Piece]], pool: cf.Executor) -> None:
         self._reap_writes(self.workers)
-        if self.dst.is_sequential:
+        if self.dst.is_sequential or self.workers == 1:  # one reader finishes in order
             self._store(inflight.popleft().result(), pool)
             return
         # writers that allow it take whichever chunk is ready first
