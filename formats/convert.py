@@ -147,6 +147,12 @@ class _Engine:
         #: outputs that cannot preallocate (block devices, some filesystems)
         self.no_prealloc: set[int] = set()
 
+    @property
+    def zgrain(self) -> int:
+        """The size at which zeros are found: the grain, or the writer's finer zero_grain."""
+        z = self.dst.zero_grain
+        return z if MIN_GRAIN <= z < self.grain and self.grain % z == 0 else self.grain
+
     def _buffer(self, piece: _Piece, n: int) -> memoryview:
         """A chunk buffer whose bytes past n (up to the next grain) are zero."""
         buf = self.buffers.get()
@@ -161,6 +167,7 @@ class _Engine:
         n = rng.length
         piece = _Piece(rng.start, n, read=n)
         mv = self._buffer(piece, n)
+        zg = self.zgrain
         self.src.readinto(rng.start, mv[:n])
         if self.backing is not None:
             base = self._buffer(piece, n)
@@ -168,14 +175,14 @@ class _Engine:
             base[bn:n] = bytes(n - bn)
             if bn:
                 self.backing.readinto(rng.start, base[:bn])
-            write = differ_mask(mv, base, n, self.grain)
-            nonzero = nonzero_mask(mv, n, self.grain)
+            write = differ_mask(mv, base, n, zg)
+            nonzero = nonzero_mask(mv, n, zg)
             for first, count in mask_runs(write & ~nonzero):
                 s, e = self._span(rng, first, count)
                 piece.zero_runs.append((s, e - s))
             write &= nonzero
         else:
-            write = nonzero_mask(mv, n, self.grain)
+            write = nonzero_mask(mv, n, zg)
         for first, count in mask_runs(write):
             s, e = self._span(rng, first, count)
             data = mv[s - rng.start : e - rng.start]
@@ -183,8 +190,9 @@ class _Engine:
         return piece
 
     def _span(self, rng: Extent, first: int, count: int) -> tuple[int, int]:
-        s = rng.start + first * self.grain
-        return s, min(s + count * self.grain, rng.end)
+        zg = self.zgrain
+        s = rng.start + first * zg
+        return s, min(s + count * zg, rng.end)
 
     def _store(self, piece: _Piece, pool: cf.Executor) -> None:
         pending = self._apply(piece)

@@ -46,8 +46,11 @@ class Image:
     format: str = "?"
     #: writers that accept only in-order writes (streamOptimized VMDK) set this
     is_sequential: bool = False
-    #: the unit at which the writer tracks allocation; the engine detects zeros at this size
+    #: the unit at which the writer tracks allocation; the engine aligns chunks to it and
+    #: detects zeros at this size, or at `zero_grain` when the writer sets a smaller one
+    #: (then `encode` receives only runs in which no zero_grain is all zeros)
     cluster_size: int = 65536
+    zero_grain: int = 0
     #: reading may decompress, writing compresses: CPU work that the conversion engine
     #: spreads over a thread per core (a plain copy runs best on one reader thread)
     decodes: bool = False

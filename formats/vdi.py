@@ -29,7 +29,7 @@ from .image import CheckResult, Image
 from .magic import VDI_SIGNATURE
 from .magic import vdi as matches  # noqa: F401  (the probe rule, re-exported)
 from .options import parse_bool, parse_choice
-from .zeros import nonzero_runs
+from .zeros import PrescanWrites
 
 FORMAT = "vdi"
 
@@ -172,7 +172,7 @@ class BlockMap:
         self.dirty.clear()
 
 
-class VdiImage(Image):
+class VdiImage(PrescanWrites, Image):
     format = FORMAT
 
     def __init__(self, path: str, fd: int, header, bmap: BlockMap, *, writable: bool) -> None:
@@ -279,7 +279,7 @@ class VdiImage(Image):
         for at, n, foff, new in self._pieces(offset, len(data), fresh):
             part = data[at : at + n]
             if new:
-                for a, z in nonzero_runs(part):
+                for a, z in self._nonzero_runs(data, at, n):
                     self._pwrite(self.fd, part[a:z], foff + a)
             else:
                 self._pwrite(self.fd, part, foff)

@@ -34,7 +34,7 @@ from .magic import VHD_COOKIE
 from .magic import vpc as matches  # noqa: F401  (the probe rule, re-exported)
 from .options import parse_bool, parse_choice, parse_size
 from .raw import RawImage
-from .zeros import nonzero_runs
+from .zeros import PrescanWrites
 
 FORMAT = "vpc"
 
@@ -308,7 +308,7 @@ def _bitmap_runs(bits: np.ndarray) -> Iterator[tuple[int, int, bool]]:
         yield s, e - s, bool(bits[s])
 
 
-class SparseVhd(Image):
+class SparseVhd(PrescanWrites, Image):
     """Dynamic and differencing disks: a BAT of blocks, each a sector bitmap then data."""
 
     format = FORMAT
@@ -490,7 +490,8 @@ class SparseVhd(Image):
                     segments.append((entry * SECTOR, self._bitmap_bytes(bits)))
             data_off = entry * SECTOR + self.bitmap_size + within
             if fresh:
-                segments.extend((data_off + a, part[a:z]) for a, z in nonzero_runs(part))
+                runs = self._nonzero_runs(data, done, n)
+                segments.extend((data_off + a, part[a:z]) for a, z in runs)
             else:
                 segments.append((data_off, part))
             pos += n

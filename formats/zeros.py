@@ -62,3 +62,44 @@ def nonzero_runs(data: memoryview, grain: int = ZERO_GRAIN) -> list[tuple[int, i
         else:
             out.append((full, n))
     return out
+
+
+class Prescanned:
+    """A chunk with its non-zero runs found by `encode`, on the engine's reader thread."""
+
+    __slots__ = ("data", "runs")
+
+    def __init__(self, data: memoryview, runs: list[tuple[int, int]]) -> None:
+        self.data = data
+        self.runs = runs
+
+
+class PrescanWrites:
+    """For writers that keep zeros inside freshly allocated blocks as holes (VHD, VHDX,
+    VDI): the conversion engine finds zeros at their ZERO_GRAIN on its reader thread and
+    hands over only non-zero runs, so the writer, on the engine's main thread, need not
+    scan them again; other writes are scanned here. Mixed in before Image."""
+
+    _prescan: Prescanned | None = None
+    zero_grain = ZERO_GRAIN
+
+    def encode(self, offset: int, data: bytes | memoryview) -> Prescanned:
+        # the engine found zeros at our zero_grain: no grain of `data` is all zeros (a
+        # caller that broke that promise would only cost holes, never correctness)
+        mv = memoryview(data).cast("B")
+        return Prescanned(mv, [(0, len(mv))])
+
+    def write_encoded(self, offset: int, encoded: Prescanned) -> None:
+        self._prescan = encoded
+        try:
+            self.write(offset, encoded.data)  # type: ignore[attr-defined]
+        finally:
+            self._prescan = None
+
+    def _nonzero_runs(self, data: memoryview, at: int, n: int) -> list[tuple[int, int]]:
+        """Runs of data[at:at+n] (relative to `at`) that hold non-zero bytes."""
+        pre = self._prescan
+        if pre is None or len(pre.data) != len(data):  # not the chunk encoded (merged edges)
+            return nonzero_runs(data[at : at + n])
+        end = at + n
+        return [(max(s, at) - at, min(e, end) - at) for s, e in pre.runs if s < end and e > at]

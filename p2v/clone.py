@@ -304,6 +304,7 @@ class _OrderedTarget(Image):
         super().__init__(dst.path, dst.size, writable=True)
         self.dst = dst
         self.cluster_size = dst.cluster_size
+        self.zero_grain = dst.zero_grain
         self.hwm = start
         self.written = 0
         self._on_write = on_write

@@ -22,7 +22,7 @@ from ..extents import Extent, Kind, from_cluster_kinds, runs
 from ..fileio import file_size, preadinto, punch_hole, pwrite_all
 from ..image import CheckResult, Image
 from ..options import parse_bool, parse_choice, parse_size
-from ..zeros import nonzero_runs
+from ..zeros import PrescanWrites
 from . import layout as L
 from .log import Overlay, find_replay, validate
 
@@ -49,7 +49,7 @@ def _guid_str(raw: bytes) -> str:
     return "{" + str(uuid.UUID(bytes_le=bytes(raw))).upper() + "}"
 
 
-class VhdxImage(Image):
+class VhdxImage(PrescanWrites, Image):
     format = FORMAT
 
     def __init__(self, path: str, fd: int, *, writable: bool) -> None:
@@ -311,7 +311,7 @@ class VhdxImage(Image):
         # space this writer allocated: zero runs stay holes (fresh space) or become holes
         # (space an earlier call wrote: a block can be larger than the engine's chunk)
         pos = 0
-        for a, z in nonzero_runs(part):
+        for a, z in self._nonzero_runs(data, at, n):
             if how == OURS and a > pos:
                 self._zero_file(foff + pos, a - pos)
             self._pwrite(self.fd, part[a:z], foff + a)
