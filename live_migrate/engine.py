@@ -4,7 +4,8 @@
                copy of what was sent is allocated: all zero, like the destination)
     iterating  round 0 sends every page; each later round sends the pages dirtied during
                the previous one. After each round the engine measures the dirty rate and
-               the bandwidth and predicts the downtime: remaining bytes / bandwidth (plus,
+               the bandwidth and predicts the downtime: remaining bytes / bandwidth, or
+               pages x the last resend rounds' time per page when that is longer (plus,
                in scan mode, the time of a full scan, because the last one runs paused)
     stopping   when the prediction is under `max_downtime`: pause the source, collect the
                last dirty pages, send them and the device state, then END with the digest
@@ -33,7 +34,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -62,6 +63,10 @@ from live_migrate.wire import Encoding, Feature, FrameType, PageKind
 
 #: beyond this many runs of full pages in a batch, one gathered copy beats many iovecs
 MAX_RUNS = 256
+#: rounds of fewer pages are mostly fixed costs (ROUND_END, queue hand-offs): not timed
+MIN_TIMED_PAGES = 512
+#: the paused scan goes in this many parts, the pages of each sent during the next
+SCAN_PARTS = 8
 COMPRESSIONS = {"zstd": Encoding.ZSTD, "lz4": Encoding.LZ4}
 _FEATURE_OF = {Encoding.ZSTD: Feature.ZSTD, Encoding.LZ4: Feature.LZ4}
 
@@ -180,6 +185,7 @@ class Migration:
         self._bandwidths: list[float] = []  # the last two rounds' that say something
         self._digest_time = 0.0
         self._wire_ratio = 1.0
+        self._page_times: list[float] = []  # seconds per page, the last two resend rounds
         self._latency = 0.0
         self._phases: dict[str, float] = {}  # switch-over: seconds per step
 
@@ -303,7 +309,7 @@ class Migration:
             last_collect = now
             dirty_bytes = len(dirty) * ps
             dirty_rate = dirty_bytes / period
-            self._learn(stats)
+            self._learn(round_no, stats)
             expected = self._predict(len(dirty), scan_time)
             self._expected = expected
             self._rounds.append(
@@ -368,20 +374,23 @@ class Migration:
         if self._limiter is not None and not self.options.cap_switch_over:
             self._limiter.enabled = False
         phase("pause")
+        final = len(self._rounds)
         if self.tracking is DirtyTracking.LOG:
             # what the last round left, and what was written since its collection (a
             # mask, not np.union1d: its first call costs 20 ms of numpy's lazy set-up)
             mask = np.array(self._dirty_mask(), dtype=bool)
             mask[dirty] = True
-            dirty = np.flatnonzero(mask)
             self.guest.stop_dirty_log()
+            phase("collect")
+            stats = self._send_round(final, np.flatnonzero(mask))
         else:
-            dirty = self._collect()  # compares with what was sent: finds both
-        phase("collect")
-        scan_time = phases["collect"]
-        final = len(self._rounds)
-        stats = self._send_round(final, dirty)
+            # the scan compares with what was sent (it finds both the last round's pages
+            # and the later writes) a part of memory at a time, and the pages found are
+            # encoded and sent while it goes on: only the tail of the sending remains
+            # when it ends
+            stats = self._send_round(final, self._scan_parts(lambda: phase("collect")))
         phase("send")
+        scan_time = phases["collect"]
         state = self.guest.save_device_state()
         self._device_state_bytes = len(state)
         ch0.send(
@@ -559,9 +568,10 @@ class Migration:
 
     # -- rounds -------------------------------------------------------------------------
 
-    def _send_round(self, round_no: int, dirty: np.ndarray) -> _SendStats:
-        """Encode and send the pages `dirty` (sorted page numbers), then ROUND_END on
-        every channel; returns when every byte is handed to the transports."""
+    def _send_round(self, round_no: int, dirty: np.ndarray | Iterable[np.ndarray]) -> _SendStats:
+        """Encode and send the pages `dirty` (sorted page numbers, or parts of them in
+        order as they are found), then ROUND_END on every channel; returns when every
+        byte is handed to the transports."""
         stats = _SendStats()
         self._channel_pages = [0] * len(self.channels)
         before = sum(ch.bytes_sent for ch in self.channels)
@@ -570,12 +580,16 @@ class Migration:
         step = self.options.batch_pages
         pending: list[Future] = []
         target = 0
-        for start in range(0, len(dirty), step):
-            self._check()
-            pending.append(
-                self._executor.submit(self._encode, round_no, dirty[start : start + step])
-            )
-            while len(pending) >= self._in_flight:
+        for part in [dirty] if isinstance(dirty, np.ndarray) else dirty:
+            for start in range(0, len(part), step):
+                self._check()
+                pending.append(
+                    self._executor.submit(self._encode, round_no, part[start : start + step])
+                )
+                while len(pending) >= self._in_flight:
+                    target = self._dispatch(pending.pop(0), stats, target)
+            # the senders get what is encoded before the next part is looked for
+            while pending and pending[0].done():
                 target = self._dispatch(pending.pop(0), stats, target)
         for fut in pending:
             target = self._dispatch(fut, stats, target)
@@ -755,6 +769,19 @@ class Migration:
         known_zero[idx] = zero
         return rows
 
+    def _scan_parts(self, scanned: Callable[[], None]) -> Iterator[np.ndarray]:
+        """The changed pages (scan mode), a part of memory at a time; `scanned()` is
+        called when the last part is compared."""
+        assert self.sent is not None
+        n = self.page_count
+        size = max(pg.BLOCK_PAGES, -(-n // SCAN_PARTS))
+        for start in range(0, n, size):
+            end = min(start + size, n)
+            mask = pg.changed_pages(self.mem[start:end], self.sent[start:end], self._executor)
+            if end == n:
+                scanned()
+            yield np.flatnonzero(mask) + start
+
     def _collect(self) -> np.ndarray:
         return np.flatnonzero(self._dirty_mask())
 
@@ -770,9 +797,10 @@ class Migration:
 
     # -- measurement and prediction ----------------------------------------------------
 
-    def _learn(self, stats: _SendStats) -> None:
-        """Bandwidth and bytes-per-page from the rounds just sent (QEMU uses the last
-        period). Tiny rounds are mostly latency: they do not update the estimate."""
+    def _learn(self, round_no: int, stats: _SendStats) -> None:
+        """Bandwidth, bytes-per-page and seconds-per-page from the round just sent (QEMU
+        uses the last period). Tiny rounds are mostly latency: they do not update the
+        estimates."""
         if stats.send_time > 0 and (stats.wire_bytes >= 4 << 20 or not self._bandwidths):
             self._bandwidths = [*self._bandwidths[-1:], stats.wire_bytes / stats.send_time]
             self._bandwidth = self._bandwidths[-1]
@@ -781,6 +809,11 @@ class Migration:
             # dirty pages are written pages: expect them to cost what data pages cost
             ratio = stats.wire_bytes / (data_pages * self.page_size)
             self._wire_ratio = min(max(ratio, 0.01), 1.1)
+        if round_no and stats.pages >= MIN_TIMED_PAGES:
+            # resent pages are what the final round holds: scattered, often deltas, whose
+            # gathering, encoding and applying can cost more than the few bytes they put
+            # on the wire (20 MB of deltas: 0.3 MB sent, 22 ms of work)
+            self._page_times = [*self._page_times[-1:], stats.send_time / stats.pages]
 
     def _predict(self, dirty_pages: int, scan_time: float) -> float:
         """The downtime if the guest paused now: the dirty pages at the slower of the
@@ -792,10 +825,13 @@ class Migration:
         return self._transfer_time(dirty_pages) + fixed
 
     def _transfer_time(self, dirty_pages: int) -> float:
+        """The final round's sending: on the wire, or in the work per page when that is
+        the slower (the slower of the last two resend rounds')."""
         bandwidth = max(min(self._bandwidths, default=0.0), 1.0)
         if self.options.max_bandwidth:
             bandwidth = min(bandwidth, self.options.max_bandwidth)
-        return dirty_pages * self.page_size * self._wire_ratio / bandwidth
+        wire_time = dirty_pages * self.page_size * self._wire_ratio / bandwidth
+        return max(wire_time, dirty_pages * max(self._page_times, default=0.0))
 
     def _diagnosis(self, dirty_rate: float, expected: float) -> str:
         tip = "" if self.options.auto_converge else "; try --auto-converge"

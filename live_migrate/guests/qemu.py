@@ -157,6 +157,7 @@ class _DeviceStateCapture:
         self.started = time.monotonic()
         self.deadline = self.started + timeout
         self.data = b""
+        self.info: dict[str, Any] = {}
         self.error: BaseException | None = None
         self._prepare = prepare
         self._ours, self._theirs = socket.socketpair()
@@ -172,6 +173,9 @@ class _DeviceStateCapture:
             finally:
                 self._theirs.close()
             self.data = _read_all(self._ours, self.deadline, MAX_DEVICE_STATE)
+            # QEMU's verdict is asked here too, so that it is in before the engine has
+            # sent the last pages: result() then costs no QMP round trip
+            self.info = _wait_migration(self.qmp, self.deadline)
         except (GuestError, OSError) as exc:  # QMPError is a GuestError
             self.error = exc
 
@@ -182,11 +186,10 @@ class _DeviceStateCapture:
                 raise GuestError("QEMU's device-state migration did not finish in time")
             if self.error is not None:
                 raise GuestError(f"QEMU's device-state migration failed: {self.error}")
-            info = _wait_migration(self.qmp, self.deadline)
         finally:
             self._ours.close()
-        if info.get("status") != "completed":
-            reason = info.get("error-desc", info.get("status"))
+        if self.info.get("status") != "completed":
+            reason = self.info.get("error-desc", self.info.get("status"))
             raise GuestError(f"QEMU's device-state migration failed: {reason}")
         return self.data
 
@@ -562,29 +565,37 @@ class QemuTarget:
             reason = info.get("error-desc", info.get("status"))
             raise GuestError(f"destination QEMU failed to load the device state: {reason}")
         try:
-            status = self.qmp.execute("query-status")["status"]
-            if status == "running":
-                # started without -S: hold it until the source commits
-                self.qmp.execute("stop")
-        except QMPError as exc:
-            raise GuestError(f"destination QEMU: {self._why(exc)}") from exc
+            # QEMU started without -S would run the guest now: it emits RESUME before
+            # the MIGRATION event that said "completed" (QEMU changes the run state
+            # first), so the event queue tells without a query-status round trip
+            self.qmp.wait_event("RESUME", timeout=0)
+        except QMPTimeout:
+            pass
+        else:
+            try:
+                self.qmp.execute("stop")  # hold it until the source commits
+            except QMPError as exc:
+                raise GuestError(f"destination QEMU: {self._why(exc)}") from exc
         self.load_seconds = time.monotonic() - started
 
     def _wait_loaded(self, deadline: float) -> dict[str, Any]:
-        """The incoming migration's final status, from its MIGRATION event."""
+        """The incoming migration's final status, from its MIGRATION event (asking
+        QEMU for the reason only when it is not "completed")."""
         done = ("completed", "failed", "cancelled")
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise GuestError("destination QEMU did not load the device state in time")
             try:
-                self.qmp.wait_event(
+                event = self.qmp.wait_event(
                     "MIGRATION", timeout=min(left, 0.5), match=lambda d: d.get("status") in done
                 )
                 break
             except QMPTimeout:
                 if self.process is not None and not self.process.is_alive():
                     raise GuestError(self.process.exit_description()) from None
+        if event.get("data", {}).get("status") == "completed":
+            return {"status": "completed"}
         return _migration_status(self.qmp)
 
     def resume(self) -> None:
