@@ -245,7 +245,8 @@ def test_throttle_slows_the_vcpu_and_restores_it(guest_image, work):
     spec = guest_spec(guest_image, work, "spin", ram_mib=128, mem_mib=16, rate_mb=0, spin=True)
     src = QemuSource.launch(spec, throttle="duty-cycle")
     try:
-        SerialLog(spec.serial_log).wait_tick(3, timeout=90, alive=src.process.is_alive)
+        log = SerialLog(spec.serial_log)
+        log.wait_tick(3, timeout=90, alive=src.process.is_alive)
         tid = vcpu_threads(src.qmp)[0]
         with open(f"/proc/{tid}/cgroup") as f:
             cgroups_before = f.read()
@@ -273,8 +274,24 @@ def test_throttle_slows_the_vcpu_and_restores_it(guest_image, work):
             assert src.qmp.execute("query-status")["running"], method
             with open(f"/proc/{tid}/cgroup") as f:
                 assert f.read() == cgroups_before, method
-            again = measure_cpu(tid, 0.8)
-            assert again > slowed * 1.5, (method, slowed, again)
+            # a full-suite run under CI (-n 2 on 2 cores) once saw 0.0 in the first
+            # window after a cgroup release (not reproduced in 10 loaded cycles): the
+            # same bound, given up to three windows to hold, with what the vCPU thread
+            # and the guest were doing if it never does
+            for _ in range(3):
+                again = measure_cpu(tid, 0.8)
+                if again > slowed * 1.5:
+                    break
+            with open(f"/proc/{tid}/stat") as f:
+                thread_state = f.read().rsplit(")", 1)[1].split()[0]
+            assert again > slowed * 1.5, (
+                method,
+                slowed,
+                again,
+                thread_state,
+                src.qmp.execute("query-status")["status"],
+                log.last_tick(),
+            )
     finally:
         src.close()
         src.process.kill()
