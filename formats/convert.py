@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import functools
 import mmap
 import os
 import threading
@@ -95,14 +96,18 @@ def _align_down(x: int, a: int) -> int:
     return x - x % a
 
 
-def chunk_ranges(extents: Iterable[Extent], grain: int, size: int, chunk: int) -> Iterator[Extent]:
-    """DATA extents widened to whole grains, merged, then cut at chunk boundaries."""
+def chunk_ranges(
+    extents: Iterable[Extent], grain: int, size: int, chunk: int, widen: int | None = None
+) -> Iterator[Extent]:
+    """DATA extents widened to whole `widen` units (default: grains), merged where they
+    share a grain, then cut at chunk boundaries."""
+    widen = widen or grain
     start = end = -1
     for e in extents:
         if e.kind != Kind.DATA:
             continue
-        s, t = _align_down(e.start, grain), min(-(-e.end // grain) * grain, size)
-        if s <= end:
+        s, t = _align_down(e.start, widen), min(-(-e.end // widen) * widen, size)
+        if _align_down(s, grain) < end or s <= end:
             end = max(end, t)
             continue
         if end > start:
@@ -147,7 +152,7 @@ class _Engine:
         #: outputs that cannot preallocate (block devices, some filesystems)
         self.no_prealloc: set[int] = set()
 
-    @property
+    @functools.cached_property
     def zgrain(self) -> int:
         """The size at which zeros are found: the grain, or the writer's finer zero_grain."""
         z = self.dst.zero_grain
@@ -157,7 +162,7 @@ class _Engine:
         """A chunk buffer whose bytes past n (up to the next grain) are zero."""
         buf = self.buffers.get()
         piece.buffers.append(buf)
-        padded = -(-n // self.grain) * self.grain
+        padded = -(-n // self.zgrain) * self.zgrain
         mv = memoryview(buf)[:padded]
         if padded > n:
             mv[n:] = bytes(padded - n)
@@ -261,7 +266,10 @@ class _Engine:
             cf.ThreadPoolExecutor(1, thread_name_prefix="p2v-write") as writer,
         ):
             try:
-                for rng in chunk_ranges(extents, self.grain, self.src.size, self.chunk):
+                # merged per grain, but widened only to zero grains: a writer with a finer
+                # zero_grain takes writes of its pieces, and a resumed copy starts where asked
+                ranges = chunk_ranges(extents, self.grain, self.src.size, self.chunk, self.zgrain)
+                for rng in ranges:
                     if rng.start > planned:
                         self.stats.bytes_skipped += rng.start - planned
                         self._advance(rng.start - planned)

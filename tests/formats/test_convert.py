@@ -227,3 +227,18 @@ def test_preallocated_output_holds_exactly_the_data_runs(tmp_path):
     expect = [(off, off + -(-len(b) // 4096) * 4096) for off, b in runs]  # ext4 blocks
     assert data == expect
     qemu_img("compare", "-f", "raw", "-F", "raw", src, str(dst))
+
+
+def test_chunks_merge_per_grain_but_widen_only_to_the_zero_grain():
+    K = 1024
+    data = [Extent(100 * K, 100 * K, Kind.DATA), Extent(900 * K, 124 * K, Kind.DATA)]
+    # one grain (1 MiB) holds both: one range, starting at the 64 KiB grain below the first
+    assert list(chunk_ranges(data, MiB, 8 * MiB, 4 * MiB, 64 * K)) == [
+        Extent(64 * K, MiB - 64 * K, Kind.DATA)
+    ]
+    # a resumed copy asked to start mid-grain starts there (rounded to the zero grain)
+    resumed = [Extent(1536 * K, 2 * MiB, Kind.DATA)]
+    assert list(chunk_ranges(resumed, MiB, 8 * MiB, 4 * MiB, 64 * K)) == [
+        Extent(1536 * K, 2 * MiB, Kind.DATA)
+    ]
+    assert next(iter(chunk_ranges(resumed, MiB, 8 * MiB, 4 * MiB))).start == MiB
