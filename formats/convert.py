@@ -1,8 +1,9 @@
 """The conversion engine: one pipeline for local images, remote disks and partitions.
 
     source.extents() -> chunks (aligned to the target's clusters) -> read on a pool
-    -> zero detection per cluster (numpy) -> target.encode() on the pool (compression)
-    -> target.write_encoded() on this thread
+    -> zero detection per cluster or zero grain (numpy) -> target.encode() on the pool
+    (compression) -> target.write_encoded() on this thread, which plans the metadata
+    -> the data pwrites, deferred to one writer thread (preallocated when large)
 
 A fresh target reads as zeros, so zero clusters are never written (qemu's
 `--target-is-zero`, always true for what we create). With a backing image, clusters that
@@ -31,8 +32,9 @@ from .image import Image, PendingWrite
 from .zeros import differ_mask, mask_runs, nonzero_mask
 
 CHUNK = 4 << 20
-WRITEBACK_EVERY = 32 << 20
 MAX_CHUNK = 8 << 20
+#: a durable output's writeback is started every this many bytes
+WRITEBACK_EVERY = 32 << 20
 #: zero detection below this size would cost more than it saves
 MIN_GRAIN = 4096
 
