@@ -669,8 +669,14 @@ class Migration:
             assert sent is not None
             cand = np.flatnonzero(kinds == PageKind.FULL)
             if len(cand):
-                old = sent[first + cand] if contiguous else sent[idx[cand]]
-                use, masks, values = pg.delta_encode(snap[cand], old, self.max_delta_words)
+                # no zero page (the usual final round): no copy of the batch for deltas
+                every = len(cand) == n
+                if contiguous:
+                    old = sent[first : last + 1] if every else sent[first + cand]
+                else:
+                    old = sent[idx] if every else sent[idx[cand]]
+                new = snap if every else snap[cand]
+                use, masks, values = pg.delta_encode(new, old, self.max_delta_words)
                 kinds[cand[use]] = PageKind.DELTA
                 delta_count = int(use.sum())
             self._keep(snap, zero, first, last, idx, contiguous)
@@ -761,6 +767,10 @@ class Migration:
                 np.copyto(kept, rows)
             known_zero[first : last + 1] = zero
             return kept
+        if not zero.any():
+            sent[idx] = rows
+            known_zero[idx] = False
+            return rows
         nonzero = ~zero
         sent[idx[nonzero]] = rows[nonzero]
         stale = idx[zero & ~known_zero[idx]]

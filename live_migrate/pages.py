@@ -80,6 +80,12 @@ def changed_pages(
     return out
 
 
+def mask_words(masks: np.ndarray) -> np.ndarray:
+    """Set bits of each row of packed masks (rows of a multiple of 8 bytes: one bit per
+    word of a page of at least 512 bytes), counted 64 bits at a time."""
+    return np.bitwise_count(masks.view(np.uint64)).sum(axis=1, dtype=np.int64)
+
+
 def delta_encode(
     new: np.ndarray, old: np.ndarray, max_words: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -88,12 +94,23 @@ def delta_encode(
     Returns (use, masks, values): `use` marks the rows worth sending as a delta (at most
     `max_words` changed words), `masks` their packed bit masks (one bit per word, rows in
     order), `values` the new words the masks select, row after row.
+
+    One comparison and one search over the whole batch: the words changed are counted
+    on the packed masks (a popcount per 64 words, not a sum over booleans), and the
+    values are gathered by flat index (boolean indexing of a 2-D array copies the rows
+    first).
     """
+    words = new.shape[1]
     changed = new != old
-    use = changed.sum(axis=1) <= max_words
-    sel = changed[use]
-    masks = np.packbits(sel, axis=1, bitorder="little")
-    values = new[use][sel]
+    all_masks = np.packbits(changed, axis=1, bitorder="little")
+    use = mask_words(all_masks) <= max_words
+    flat = np.flatnonzero(changed)
+    if use.all():
+        masks = all_masks
+    else:
+        masks = all_masks[use]
+        flat = flat[use[flat // words]]
+    values = np.ravel(new)[flat]
     return use, masks, values
 
 
@@ -105,17 +122,24 @@ def delta_apply(
     fp: np.ndarray | None = None,
     weights: np.ndarray | None = None,
 ) -> None:
-    """Write delta-encoded words into rows `pages` of `target` (in place), word by word:
+    """Write delta-encoded words into distinct rows `pages` of `target` (in place), word by word:
     the rest of each page is neither read nor copied. With `fp` and `weights`, update
     the pages' fingerprints from the words changed (the fingerprint is linear: each
     word adds weight x word)."""
     words = target.shape[1]
     bits = np.unpackbits(masks, axis=1, count=words, bitorder="little")
-    rows, cols = np.nonzero(bits)  # row after row, words in order: as `values` come
+    flat_bits = np.flatnonzero(bits)  # row after row, words in order: as `values` come
+    rows, cols = np.divmod(flat_bits, words)
     flat = target.reshape(-1)
     where = pages[rows].astype(np.intp) * words + cols
     if fp is not None and weights is not None:
         with np.errstate(over="ignore"):
             change = weights[cols] * (values - flat[where])
-        np.add.at(fp, pages[rows], change)
+            # per-row sums from one running sum (mod 2^64, as the fingerprint); rows
+            # are distinct pages (a batch's page numbers strictly increase), so no
+            # np.add.at, which goes element by element
+            counts = mask_words(masks)
+            ends = np.cumsum(counts)
+            total = np.concatenate((np.zeros(1, np.uint64), np.cumsum(change)))
+            fp[pages] += total[ends] - total[ends - counts]
     flat[where] = values

@@ -352,7 +352,7 @@ class Receiver:
             off = n_full * ps + data_off
             masks = np.frombuffer(data, dtype=np.uint8, count=n_delta * mb, offset=off)
             masks = masks.reshape(n_delta, mb)
-            if int(np.unpackbits(masks).sum()) != batch.delta_words:
+            if int(pg.mask_words(masks).sum()) != batch.delta_words:
                 raise ProtocolError("BATCH: delta masks disagree with the word count")
             values = np.frombuffer(
                 data, dtype=np.uint64, count=batch.delta_words, offset=off + n_delta * mb
