@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 import crc32c
 import numpy as np
 
+from live_migrate import heap, wire
 from live_migrate import pages as pg
-from live_migrate import wire
 from live_migrate.channel import Channel
 from live_migrate.compression import compress
 from live_migrate.errors import (
@@ -222,6 +222,7 @@ class Migration:
         return self._report(time.monotonic() - t0)
 
     def _setup(self) -> None:
+        heap.keep_freed_memory()  # temporaries of resent pages not faulted in again
         opts = self.options
         requested = Feature(0)
         if self._zero_pages:

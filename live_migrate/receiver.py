@@ -30,8 +30,8 @@ from typing import Any
 import crc32c
 import numpy as np
 
+from live_migrate import heap, wire
 from live_migrate import pages as pg
-from live_migrate import wire
 from live_migrate.channel import Channel
 from live_migrate.compression import decompress
 from live_migrate.errors import (
@@ -140,6 +140,7 @@ class Receiver:
         error = None
         completed = False
         try:
+            heap.keep_freed_memory()  # delta temporaries not faulted in again per batch
             self._handshake()
             self._receive()
             completed = True
