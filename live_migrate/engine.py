@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import crc32c
+import google_crc32c
 import numpy as np
 
 from live_migrate import heap, wire
@@ -396,7 +396,7 @@ class Migration:
         self._device_state_bytes = len(state)
         ch0.send(
             FrameType.DEVICE_STATE,
-            [wire.DeviceState.build(dict(crc=crc32c.crc32c(state), state=state))],
+            [wire.DeviceState.build(dict(crc=google_crc32c.value(state), state=state))],
         )
         phase("device_state")
         digest = pg.memory_digest(self.fp)

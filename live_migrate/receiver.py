@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import crc32c
+import google_crc32c
 import numpy as np
 
 from live_migrate import heap, wire
@@ -270,7 +270,7 @@ class Receiver:
                 if self._device_state is not None:
                     raise ProtocolError("DEVICE_STATE sent twice")
                 ds = wire.parse_body(wire.DeviceState, body, "DEVICE_STATE")
-                if crc32c.crc32c(ds.state) != ds.crc:
+                if google_crc32c.value(ds.state) != ds.crc:
                     raise ProtocolError("DEVICE_STATE: checksum mismatch")
                 self._device_state = ds.state
             elif control and ftype is FrameType.END:

@@ -42,7 +42,7 @@ import uuid
 from dataclasses import dataclass
 
 import construct as c
-import crc32c
+import google_crc32c
 import numpy as np
 
 from live_migrate.errors import ProtocolError
@@ -216,7 +216,7 @@ def build_frame_header(ftype: FrameType, length: int, sequence: int) -> bytes:
     fields = _FRAME_FIELDS.build(
         dict(type=int(ftype), flags=0, length=length, sequence=sequence & 0xFFFFFFFF)
     )
-    return fields + crc32c.crc32c(fields).to_bytes(4, "big")
+    return fields + google_crc32c.value(fields).to_bytes(4, "big")
 
 
 def parse_frame_header(raw: bytes | memoryview, expected_sequence: int) -> Frame:
@@ -228,7 +228,7 @@ def parse_frame_header(raw: bytes | memoryview, expected_sequence: int) -> Frame
     if raw[:2] != FRAME_MAGIC:
         raise ProtocolError(f"frame {expected_sequence}: bad magic {raw[:2].hex()}")
     h = _FRAME_HEADER.parse(raw)
-    if crc32c.crc32c(raw[:12]) != h.crc:
+    if google_crc32c.value(raw[:12]) != h.crc:
         raise ProtocolError(f"frame {expected_sequence}: header checksum mismatch")
     try:
         ftype = FrameType(h.type)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 
-import crc32c
+import google_crc32c
 from construct import Bytes, Int16ul, Int32ul, Int64ul, Struct
 
 from ..magic import VHDX_SIGNATURE
@@ -188,9 +188,9 @@ ABSOLUTE_WIN32_PATH = "absolute_win32_path"
 def checksum(buf: bytes | bytearray | memoryview, at: int = 4) -> int:
     """CRC-32C of `buf` with its 4-byte checksum field at `at` counted as zeros."""
     mv = memoryview(buf)
-    crc = crc32c.crc32c(mv[:at])
-    crc = crc32c.crc32c(b"\0\0\0\0", crc)
-    return crc32c.crc32c(mv[at + 4 :], crc)
+    # bytes(): the C extension takes only immutable buffers
+    crc = google_crc32c.extend(google_crc32c.value(bytes(mv[:at])), b"\0\0\0\0")
+    return google_crc32c.extend(crc, bytes(mv[at + 4 :]))
 
 
 def seal(buf: bytearray, at: int = 4) -> bytearray:

@@ -488,7 +488,7 @@ def make_agent_request_seeds(directory: str) -> list[str]:
 def make_migration_seeds(directory: str) -> list[str]:
     """A whole one-channel migration of a 64-page guest as the source sends it: raw,
     zero, delta and zstd/lz4 batches over two rounds, device state, END, GO."""
-    import crc32c
+    import google_crc32c
     import numpy as np
 
     from live_migrate import pages as pg
@@ -562,7 +562,7 @@ def make_migration_seeds(directory: str) -> list[str]:
         out.append(
             (
                 FrameType.DEVICE_STATE,
-                wire.DeviceState.build(dict(crc=crc32c.crc32c(state), state=state)),
+                wire.DeviceState.build(dict(crc=google_crc32c.value(state), state=state)),
             )
         )
         end = dict(

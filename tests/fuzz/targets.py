@@ -515,7 +515,7 @@ class _WireStream:
 
 
 def _fix_frame_crcs(data: bytes) -> bytes:
-    import crc32c
+    import google_crc32c
 
     from live_migrate import wire
 
@@ -525,7 +525,7 @@ def _fix_frame_crcs(data: bytes) -> bytes:
     pos = 0
     while pos + wire.FRAME_HEADER_SIZE <= len(buf):
         head = buf[pos : pos + 12]
-        buf[pos + 12 : pos + 16] = crc32c.crc32c(bytes(head)).to_bytes(4, "big")
+        buf[pos + 12 : pos + 16] = google_crc32c.value(bytes(head)).to_bytes(4, "big")
         pos += wire.FRAME_HEADER_SIZE + int.from_bytes(head[4:8], "big")
     return bytes(buf)
 
