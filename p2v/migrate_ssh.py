@@ -1,6 +1,7 @@
 """`p2v migrate --via-ssh`: start `p2v receive --stdio` on the destination over SSH and
 carry the migration stream in that SSH connection (one channel; the SSH session's
-encryption and host-key check replace TLS)."""
+encryption and host-key check replace TLS). With `remote_qemu` that receiver fills the
+destination QEMU it names (`p2v receive --qemu`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def migrate_via_ssh(
     known_hosts: str | None = None,
     accept_new_host_key: bool = False,
     remote_command: str = "p2v",
+    remote_qemu: str | None = None,
     progress: Callable[[Progress], None] | None = None,
 ) -> MigrationReport:
     user, host = ssh.parse_target(target)
@@ -37,6 +39,8 @@ def migrate_via_ssh(
     )
     with ssh.connect(connect) as conn:
         command = f"{remote_command} receive --stdio --output json"
+        if remote_qemu:
+            command += f" --qemu {shlex.quote(remote_qemu)}"
         channel = conn.open_exec_channel(conn.wrap(command))
         try:
             report = session.migrate_over(guest_spec, [RecvStream(channel)], options, progress)

@@ -501,9 +501,14 @@ class SimGuest:
         self.close()
 
 
+#: QEMU_VM_FILE_MAGIC, the first bytes of QEMU's migration stream: a QEMU guest's state
+QEMU_STATE_MAGIC = b"QEVM"
+
+
 class SimTarget:
     """A synthetic destination guest (implements `live_migrate.guest.TargetGuest`):
-    zero-filled memory (a /dev/shm file with `keep`), device state kept as bytes."""
+    zero-filled memory (a /dev/shm file with `keep`), device state kept as bytes; a QEMU
+    guest's device state is refused."""
 
     def __init__(self, geometry: Geometry, keep: bool = False, prealloc: bool = False) -> None:
         self._geometry = geometry
@@ -541,6 +546,13 @@ class SimTarget:
         return memoryview(self._map)
 
     def load_device_state(self, state: bytes) -> None:
+        if bytes(state[:4]) == QEMU_STATE_MAGIC:
+            # accepted, it would stop the source QEMU for good with its guest in a
+            # simulation that ends with this process; refused, the source resumes
+            raise GuestError(
+                "the source is a QEMU guest: receive it into a QEMU with "
+                "`p2v receive --qemu QMP_SOCKET,ram=PATH` (docs/migration-qemu.md)"
+            )
         self.device_state = bytes(state)
 
     def resume(self) -> None:

@@ -105,6 +105,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ssh.add_argument(
         "--remote-command", default="p2v", help="how to run p2v on the destination (default: p2v)"
     )
+    ssh.add_argument(
+        "--remote-qemu",
+        metavar="QMP_SOCKET,ram=PATH",
+        help="the destination QEMU (started there with -incoming defer -S): what the remote "
+        "`p2v receive --qemu` attaches to; required with --guest qemu:...",
+    )
     plan = p.add_argument_group("--plan")
     plan.add_argument("--plan", action="store_true", help="predict; do not migrate")
     plan.add_argument("--memory", type=parse_size, help="guest memory (without --guest)")
@@ -188,6 +194,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
             if args.channels != 1:
                 raise ValueError("--via-ssh carries one channel: drop --channels")
+            if args.guest.startswith("qemu:") and not args.remote_qemu:
+                # else the remote receiver would build a sim guest, and the source QEMU
+                # would stop for good with its guest running nowhere
+                raise ValueError(
+                    "--via-ssh with a QEMU guest needs --remote-qemu QMP_SOCKET,ram=PATH: "
+                    "the destination QEMU, started with -incoming defer -S"
+                )
             report = migrate_via_ssh(
                 args.guest,
                 args.via_ssh,
@@ -197,6 +210,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 known_hosts=args.known_hosts,
                 accept_new_host_key=args.accept_new_host_key,
                 remote_command=args.remote_command,
+                remote_qemu=args.remote_qemu,
                 progress=bar,
             )
         else:

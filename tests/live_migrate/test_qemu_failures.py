@@ -10,13 +10,15 @@ its migration settings put back.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
-from live_migrate.engine import MigrationOptions
+from live_migrate.engine import Migration, MigrationOptions
 from live_migrate.guests.qemu import QemuSource
 from live_migrate.states import MigrationState
+from live_migrate.transport import open_channels
 
 from .guest_image.harness import (
     Hosts,
@@ -27,7 +29,12 @@ from .guest_image.harness import (
     guest_spec,
     wait_for,
 )
-from .guest_image.migration_run import Destination, migrate, start_destination
+from .guest_image.migration_run import (
+    Destination,
+    migrate,
+    start_cli_receiver,
+    start_destination,
+)
 
 #: slow enough that the first round lasts a few seconds: time to kill something in it
 CAPPED = 40e6
@@ -145,3 +152,24 @@ def test_source_keeps_running_when_receiver_dies(source, hosts, work):
             # the source was paused and its QEMU had handed over the device state
             assert report.downtime is None
             assert any(s == "stopping" for s, _ in report.states)
+
+
+def test_source_keeps_running_when_the_receiver_has_no_qemu(source, hosts):
+    """`p2v receive` started without --qemu builds a sim guest: it must refuse a QEMU
+    guest's device state, or the source QEMU would stop for good with its guest in a
+    simulation."""
+    src, spec = source
+    log = SerialLog(spec.serial_log)
+    receiver, port = start_cli_receiver(hosts, "--output", "json")
+    try:
+        with hosts.on_source():
+            streams = open_channels((hosts.dst_address, port), 1)
+        report = Migration(src, streams, MigrationOptions(max_downtime=0.5)).run()
+        out, _ = receiver.communicate(timeout=30)
+    finally:
+        receiver.kill()
+        receiver.wait()
+    _check_source_survived(src, log, report, "receiver without --qemu")
+    assert "p2v receive --qemu" in (report.error or ""), report.error
+    assert receiver.returncode == 1 and not json.loads(out)["completed"]
+    assert any(s == "stopping" for s, _ in report.states)

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -20,11 +16,18 @@ from .guest_image.harness import (
     SerialLog,
     Workdir,
     build_or_skip,
+    check_continuation,
     destination_spec,
     guest_spec,
-    start_qemu_by_hand,
 )
-from .guest_image.migration_run import migrate, start_destination
+from .guest_image.migration_run import (
+    check_cli_migration,
+    migrate,
+    qemus_by_hand,
+    run_cli_migrate,
+    start_cli_receiver,
+    start_destination,
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +76,7 @@ def test_migrated_guest_continues_its_counter_with_memory_intact(guest_image, ho
         # the counter goes on: no repeat, no gap (one line may be cut by the switch), and
         # the guest re-read all its memory at least twice since resuming: nothing stale
         dst_log = SerialLog(dst_spec.serial_log)
-        _check_continuation(src_log, dst_log, more=25)
+        check_continuation(src_log, dst_log, more=25)
         dst_ticks = dst_log.ticks()
         assert dst_ticks[-1].passes >= dst_ticks[0].passes + 2
 
@@ -88,95 +91,31 @@ def test_migrated_guest_continues_its_counter_with_memory_intact(guest_image, ho
             source.process.kill()
 
 
-def _check_continuation(src_log: SerialLog, dst_log: SerialLog, more: int = 15) -> None:
-    """The destination's counter starts right after the source's and runs on without a
-    gap; the guest's own memory checks stay clean on both sides."""
-    last_src = src_log.last_tick()
-    dst_log.wait_tick(last_src + more, timeout=60)
-    dst_ticks = dst_log.ticks()
-    first = dst_ticks[0].tick
-    cut = not src_log.text().endswith("\n")
-    assert first == last_src + 1 or (cut and first == last_src + 2), (last_src, first)
-    assert [t.tick for t in dst_ticks] == list(range(first, first + len(dst_ticks)))
-    assert all(t.bad == 0 for t in dst_ticks), dst_log.bad_lines()
-    assert not dst_log.bad_lines() and not src_log.bad_lines()
-
-
 def test_cli_migrates_a_qemu_guest_between_hosts(guest_image, hosts, work):
     """`p2v migrate --guest qemu:...` on the source host, `p2v receive --qemu ...` on the
     destination host, each attached to a QEMU started by hand as the docs show."""
-    spec = guest_spec(guest_image, work, "src", ram_mib=128, mem_mib=16, rate_mb=20)
-    dst_spec = dataclasses.replace(destination_spec(spec, work), incoming=True)
-    src_qemu = start_qemu_by_hand(spec)
-    dst_qemu = start_qemu_by_hand(dst_spec)
-    receiver = None
-    try:
-        src_log = SerialLog(spec.serial_log)
-        src_log.wait_tick(3, timeout=90)
-        env = dict(os.environ, PYTHONPATH=os.getcwd())
+    with qemus_by_hand(guest_image, work, ram_mib=128, mem_mib=16, rate_mb=20) as pair:
         recv_report = work.file("receive.json")
-        receiver = subprocess.Popen(
-            [
-                *hosts.dst_prefix,
-                sys.executable,
-                "-m",
-                "p2v",
-                "receive",
-                "--listen",
-                f"{hosts.dst_address}:0",
-                "--qemu",
-                f"{dst_spec.qmp_socket},ram={dst_spec.ram_path}",
-                "--json",
-                recv_report,
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        line = receiver.stderr.readline()
-        assert line.startswith("listening on "), line
-        port = line.rsplit(":", 1)[1].strip()
-        mig_report = work.file("migrate.json")
-        res = subprocess.run(
-            [
-                *hosts.src_prefix,
-                sys.executable,
-                "-m",
-                "p2v",
-                "migrate",
+        receiver, port = start_cli_receiver(hosts, "--qemu", pair.target, "--json", recv_report)
+        try:
+            mig_report = work.file("migrate.json")
+            res = run_cli_migrate(
+                hosts,
                 "--guest",
-                f"qemu:{spec.qmp_socket},ram={spec.ram_path}",
+                pair.guest,
                 "--to",
                 f"{hosts.dst_address}:{port}",
                 "--max-downtime",
                 "500",
-                "--no-progress",
                 "--json",
                 mig_report,
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert res.returncode == 0, res.stdout + res.stderr
-        assert "migrated 128 MiB" in res.stdout
-        assert receiver.wait(30) == 0, receiver.stderr.read()
-        with open(mig_report) as f:
-            report = json.load(f)
-        with open(recv_report) as f:
-            received = json.load(f)
-        assert report["state"] == "completed" and report["dirty_tracking"] == "scan"
-        assert received["completed"] and received["device-state-bytes"] > 0
-        _check_continuation(src_log, SerialLog(dst_spec.serial_log))
-        # the source stays stopped after its device state left, as with QEMU's migrate
-        assert src_qemu.poll() is None and dst_qemu.poll() is None
-    finally:
-        for proc in (receiver, src_qemu, dst_qemu):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            )
+            assert receiver.wait(30) == 0, receiver.stderr.read()
+            with open(recv_report) as f:
+                check_cli_migration(pair, res, mig_report, json.load(f))
+        finally:
+            receiver.kill()
+            receiver.wait()
 
 
 def test_auto_converge_throttles_a_cpu_bound_writer_until_it_fits(guest_image, hosts, work):
@@ -207,7 +146,7 @@ def test_auto_converge_throttles_a_cpu_bound_writer_until_it_fits(guest_image, h
         assert dest.process.wait(30) == 0
         assert dest.report()["ram_sha256_at_resume"] == file_sha256(spec.ram_path)
         dest.read_qemu_pid()
-        _check_continuation(src_log, SerialLog(dst_spec.serial_log), more=10)
+        check_continuation(src_log, SerialLog(dst_spec.serial_log), more=10)
     finally:
         if dest is not None:
             dest.cleanup()

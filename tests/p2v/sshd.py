@@ -2,7 +2,8 @@
 
 Random free port, temporary host and user keys, its own sshd_config; root logs in with the
 user key (sshd runs as root with `UsePAM no` and `StrictModes no`). Used by the tests and
-by tests/bench/bench_clone.py.
+by tests/bench/bench_clone.py. `start_sshd(..., host=, prefix=, network=)` runs it in
+another network namespace instead (the QEMU migration tests' destination host).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 SSHD = "/usr/sbin/sshd"
@@ -95,7 +96,16 @@ class Sshd:
             self.proc.wait()
 
 
-def start_sshd(root: str, *, password_auth: bool = False) -> Sshd:
+def start_sshd(
+    root: str,
+    *,
+    password_auth: bool = False,
+    host: str = "127.0.0.1",
+    prefix: Sequence[str] = (),
+    network: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Sshd:
+    """sshd listening on `host`, started under `prefix` (e.g. `ip netns exec NS`); the
+    readiness probe connects from within `network()` (where `host` is reachable)."""
     os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
     os.makedirs(root, exist_ok=True)
     host_key = os.path.join(root, "host_ed25519")
@@ -110,7 +120,7 @@ def start_sshd(root: str, *, password_auth: bool = False) -> Sshd:
     with open(config, "w") as f:
         f.write(
             f"Port {port}\n"
-            "ListenAddress 127.0.0.1\n"
+            f"ListenAddress {host}\n"
             f"HostKey {host_key}\n"
             f"PidFile {os.path.join(root, 'sshd.pid')}\n"
             f"AuthorizedKeysFile {authorized}\n"
@@ -126,13 +136,13 @@ def start_sshd(root: str, *, password_auth: bool = False) -> Sshd:
         )
     known_hosts = os.path.join(root, "known_hosts")
     with open(known_hosts, "w") as f:
-        f.write(f"[127.0.0.1]:{port} {host_pub.rsplit(' ', 1)[0]}\n")
+        f.write(f"[{host}]:{port} {host_pub.rsplit(' ', 1)[0]}\n")
     log = open(os.path.join(root, "sshd.log"), "wb")  # noqa: SIM115 - lives with the server
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", config], stdout=log, stderr=log)
+    proc = subprocess.Popen([*prefix, SSHD, "-D", "-e", "-f", config], stdout=log, stderr=log)
     deadline = time.monotonic() + 10
     while True:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            with network(), socket.create_connection((host, port), timeout=1) as s:
                 if s.recv(4).startswith(b"SSH-"):
                     break
         except OSError:
@@ -151,6 +161,7 @@ def start_sshd(root: str, *, password_auth: bool = False) -> Sshd:
         user_key=user_key,
         known_hosts=known_hosts,
         config=config,
+        host=host,
     )
 
 

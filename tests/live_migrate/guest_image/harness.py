@@ -5,7 +5,8 @@
 - `Workdir`: short paths for QMP sockets (sun_path holds 108 bytes; pytest's tmp_path can
   be longer) and RAM files on /dev/shm (tmpfs: a shared file backend on disk would write
   the guest's memory back to the disk).
-- `SerialLog`: the dirtier's lines, parsed.
+- `SerialLog`: the dirtier's lines, parsed; `check_continuation` compares the source's
+  and the destination's after a migration.
 - `Hosts`: source and destination in their own network namespaces joined by a veth pair
   when the machine allows it, else both on loopback.
 """
@@ -169,6 +170,20 @@ class SerialLog:
         except AssertionError:
             return False
         return True
+
+
+def check_continuation(src_log: SerialLog, dst_log: SerialLog, more: int = 15) -> None:
+    """The destination's counter starts right after the source's and runs on without a
+    gap; the guest's own memory checks stay clean on both sides."""
+    last_src = src_log.last_tick()
+    dst_log.wait_tick(last_src + more, timeout=60)
+    dst_ticks = dst_log.ticks()
+    first = dst_ticks[0].tick
+    cut = not src_log.text().endswith("\n")
+    assert first == last_src + 1 or (cut and first == last_src + 2), (last_src, first)
+    assert [t.tick for t in dst_ticks] == list(range(first, first + len(dst_ticks)))
+    assert all(t.bad == 0 for t in dst_ticks), dst_log.bad_lines()
+    assert not dst_log.bad_lines() and not src_log.bad_lines()
 
 
 def start_qemu_by_hand(spec: QemuSpec, timeout: float = 30.0) -> subprocess.Popen:
