@@ -22,11 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Convert every disk of SOURCE to the target platform's preferred format, write "
             "the target's VM definition into OUTDIR, and print what changed (disk bus, NIC "
             "model, firmware) and what the guest needs before its first boot there. "
-            f"Platforms: {', '.join(drivers.PLATFORMS)}."
+            f"Platforms: {', '.join(drivers.NAMES)}."
         ),
     )
     p.add_argument("--to", dest="platform", default="kvm", metavar="PLATFORM",
-                   help=f"target platform (default kvm; one of {', '.join(drivers.PLATFORMS)})")  # fmt: skip
+                   help=f"target platform (default kvm; one of {', '.join(drivers.NAMES)})")  # fmt: skip
     p.add_argument("-O", dest="out_fmt", help="disk format (default: the platform's preferred)")
     p.add_argument("-f", dest="src_fmt", help="format of a bare-disk SOURCE (probed if omitted)")
     p.add_argument("--name", help="VM name (default: the source's)")

@@ -24,6 +24,13 @@ def vm(bus="scsi", model="vmxnet3", os=None, firmware="bios", **kw):
     )
 
 
+def test_platform_names_known_before_loading_match_the_drivers():
+    assert tuple(drivers.PLATFORMS) == drivers.NAMES
+    assert all(drivers.PLATFORMS[n].name == n for n in drivers.NAMES)
+    with pytest.raises(DriverError, match="one of: kvm, vmware"):
+        drivers.get_platform("bochs")
+
+
 def test_kvm_turns_vendor_scsi_into_virtio_and_reports_it():
     out = drivers.get_platform("kvm").adapt(vm())
     assert [d.bus for d in out.spec.disks] == ["virtio", "virtio"]

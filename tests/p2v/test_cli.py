@@ -1,0 +1,54 @@
+"""The command line's parser: built for the one command being run, the same as whole."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+
+import pytest
+
+from p2v import cli
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+COMMANDS = sorted(_subparsers(cli.build_parser()))
+
+
+def test_every_family_registers_its_commands():
+    assert {"info", "convert", "check", "compare", "map", "create", "clone", "migrate",
+            "receive", "ovf", "resize", "v2v"} <= set(COMMANDS)  # fmt: skip
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_one_command_parser_equals_the_whole_one(command):
+    alone = _subparsers(cli.build_parser(command))
+    assert list(alone) == [command]
+    assert alone[command].format_help() == _subparsers(cli.build_parser())[command].format_help()
+
+
+def _run(argv: list[str]) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
+        try:
+            code = cli.main(argv)
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return code, err.getvalue()
+
+
+def test_an_unknown_command_names_the_real_ones():
+    code, out = _run(["--debug", "convrt", "a", "b"])
+    assert code == 2
+    assert "invalid choice: 'convrt'" in out and "'convert'" in out and "'v2v'" in out
+
+
+def test_global_options_before_the_command(tmp_path):
+    image = tmp_path / "a.raw"
+    image.write_bytes(bytes(4096))
+    code, out = _run(["--debug", "info", "--output", "json", str(image)])
+    assert code == 0 and '"virtual-size": 4096' in out
