@@ -55,7 +55,7 @@ from live_migrate.errors import (
     TimeLimitError,
     TransportError,
 )
-from live_migrate.guest import DirtyTracking, SourceGuest
+from live_migrate.guest import DirtyTracking, SourceGuest, StateFormat
 from live_migrate.report import MigrationReport, PageCounts, Progress, RoundReport
 from live_migrate.states import MigrationState, StateMachine
 from live_migrate.transport import LimitedStream, RateLimiter, Stream, round_trip_time
@@ -231,6 +231,8 @@ class Migration:
             requested |= _FEATURE_OF[COMPRESSIONS[opts.compress]]
         if self._delta:
             requested |= Feature.DELTA
+        if self.guest.state_format is StateFormat.QEMU:
+            requested |= Feature.QEMU_STATE
         ch0 = self.channels[0]
         hello = wire.build_hello(self.page_size, self.page_count, requested, len(self.channels))
         session = wire.Hello.parse(hello).session
@@ -250,6 +252,8 @@ class Migration:
         if not welcome.accepted:
             raise RefusedError(f"the destination refused the migration: {welcome.reason}")
         accepted = Feature(welcome.features) & requested
+        if requested & Feature.QEMU_STATE and not accepted & Feature.QEMU_STATE:
+            raise RefusedError("the destination cannot load a QEMU guest's device state")
         self._zero_pages = bool(accepted & Feature.ZERO_PAGES)
         self._delta = bool(accepted & Feature.DELTA)
         if opts.compress and accepted & _FEATURE_OF[COMPRESSIONS[opts.compress]]:

@@ -49,6 +49,15 @@ class DirtyTracking(enum.Enum):
     SCAN = "scan"
 
 
+class StateFormat(enum.Enum):
+    """What the device-state bytes are: the source says it at the handshake, so a
+    destination that could not load them refuses before any page is sent (not after the
+    source has paused)."""
+
+    SIM = "sim"  # the synthetic guest's, opaque
+    QEMU = "qemu"  # QEMU's migration stream (x-ignore-shared)
+
+
 @dataclass(frozen=True)
 class Geometry:
     """The shape of a guest's RAM, as the handshake carries it to the destination."""
@@ -84,6 +93,11 @@ class SourceGuest(Protocol):
 
     @property
     def is_paused(self) -> bool: ...
+
+    @property
+    def state_format(self) -> StateFormat:
+        """What `save_device_state()` returns."""
+        ...
 
     def memory(self) -> memoryview:
         """The whole RAM, read-only, C-contiguous, `geometry.memory_size` bytes long.
@@ -151,6 +165,11 @@ class TargetGuest(Protocol):
     def memory(self) -> memoryview:
         """The whole target RAM, writable, C-contiguous, `geometry.memory_size` bytes,
         zero-filled at creation (pages never sent are zero pages)."""
+        ...
+
+    @property
+    def state_format(self) -> StateFormat:
+        """The device state `load_device_state()` can load."""
         ...
 
     def load_device_state(self, state: bytes) -> None:

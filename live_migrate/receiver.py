@@ -40,7 +40,7 @@ from live_migrate.errors import (
     RefusedError,
     TransportError,
 )
-from live_migrate.guest import Geometry, TargetFactory, TargetGuest
+from live_migrate.guest import Geometry, StateFormat, TargetFactory, TargetGuest
 from live_migrate.report import PageCounts
 from live_migrate.transport import Listener, Stream
 from live_migrate.wire import Encoding, Feature, FrameType, PageKind
@@ -73,6 +73,15 @@ def _physical_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return 1 << 40
+
+
+#: why a HELLO is refused when the source's device state and the target do not match,
+#: by whether the source is a QEMU guest
+_STATE_MISMATCH = {
+    True: "the source is a QEMU guest: receive it into a QEMU with "
+    "`p2v receive --qemu QMP_SOCKET,ram=PATH` (docs/migration-qemu.md)",
+    False: "this receiver's target is a QEMU, and the source is not a QEMU guest",
+}
 
 
 @dataclass
@@ -162,12 +171,17 @@ class Receiver:
             self._refuse("this receiver takes one channel only")
         self.geometry = Geometry(hello.page_size, hello.page_count)
         self.session = hello.session
-        self._features = hello.features & self.options.features
+        self._features = hello.features & self.options.features & ~Feature.QEMU_STATE
         try:
             self.target = self.target_factory(self.geometry)
         except (OSError, MigrationError, ValueError) as exc:
             self._refuse(f"cannot create the target guest: {exc}")
         assert self.target is not None
+        from_qemu = bool(hello.features & Feature.QEMU_STATE)
+        if from_qemu != (self.target.state_format is StateFormat.QEMU):
+            self._refuse(_STATE_MISMATCH[from_qemu])
+        if from_qemu:
+            self._features |= Feature.QEMU_STATE
         self.mem = pg.as_pages(self.target.memory(), hello.page_size)
         if self.mem.shape[0] != hello.page_count or not self.mem.flags.writeable:
             self._refuse("the target's memory does not match the source's geometry")

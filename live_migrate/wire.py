@@ -99,6 +99,10 @@ class Feature(enum.IntFlag):
     ZSTD = 2
     LZ4 = 4
     DELTA = 8
+    #: the device state will be QEMU's migration stream. Not an option but a
+    #: declaration: a receiver whose target cannot load it refuses the HELLO, and one
+    #: whose target is a QEMU refuses a source without it
+    QEMU_STATE = 16
 
 
 # -- declarations ---------------------------------------------------------------------
@@ -298,7 +302,7 @@ def parse_hello(body: bytes | memoryview, max_memory: int) -> HelloInfo:
             f"HELLO: {h.page_count} pages of {ps} bytes, at most "
             f"{min(max_memory, MAX_MEMORY)} bytes of guest memory accepted here"
         )
-    if h.features & ~int(Feature.ZERO_PAGES | Feature.ZSTD | Feature.LZ4 | Feature.DELTA):
+    if h.features & ~sum(int(f) for f in Feature):
         raise ProtocolError(f"HELLO: unknown feature bits {h.features:#x}")
     if not 1 <= h.channels <= MAX_CHANNELS:
         raise ProtocolError(f"HELLO: {h.channels} channels, 1..{MAX_CHANNELS} allowed")

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import GuestError
-from ..guest import PAGE_SIZE, DirtyTracking, Geometry, TargetFactory
+from ..guest import PAGE_SIZE, DirtyTracking, Geometry, StateFormat, TargetFactory
 from ..qemu_launcher import QemuProcess, QemuSpec
 from ..qmp import QMPClient, QMPError, QMPTimeout
 from .qemu_throttle import Throttle, make_throttle
@@ -207,6 +207,8 @@ class QemuSource:
     start one. `throttle` picks the auto-converge method: "auto" (cgroup where
     writable, else a stop/cont duty cycle), "cgroup" or "duty-cycle".
     """
+
+    state_format = StateFormat.QEMU
 
     def __init__(
         self,
@@ -424,6 +426,8 @@ class QemuTarget:
     The QEMU runs ``-incoming defer -S`` on `ram_path`, a ``share=on`` file backend of
     the source's size. `memory()` maps that file; the receiver fills it while QEMU waits.
     """
+
+    state_format = StateFormat.QEMU
 
     def __init__(
         self,

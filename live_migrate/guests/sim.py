@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from live_migrate.errors import GuestError
-from live_migrate.guest import PAGE_SIZE, DirtyTracking, Geometry
+from live_migrate.guest import PAGE_SIZE, DirtyTracking, Geometry, StateFormat
 
 WORKLOADS = ("idle", "uniform", "hotset", "sequential")
 FILLS = ("mixed", "random", "zero")
@@ -301,6 +301,8 @@ def _shm_file(prefix: str, size: int) -> str:
 class SimGuest:
     """A synthetic source guest (implements `live_migrate.guest.SourceGuest`)."""
 
+    state_format = StateFormat.SIM
+
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self._geometry = Geometry(config.page_size, config.size // config.page_size)
@@ -509,6 +511,8 @@ class SimTarget:
     """A synthetic destination guest (implements `live_migrate.guest.TargetGuest`):
     zero-filled memory (a /dev/shm file with `keep`), device state kept as bytes; a QEMU
     guest's device state is refused."""
+
+    state_format = StateFormat.SIM
 
     def __init__(self, geometry: Geometry, keep: bool = False, prealloc: bool = False) -> None:
         self._geometry = geometry

@@ -539,6 +539,12 @@ class _FuzzTarget:
     def geometry(self):
         return self._geometry
 
+    @property
+    def state_format(self):
+        from live_migrate.guest import StateFormat
+
+        return StateFormat.SIM
+
     def memory(self) -> memoryview:
         return memoryview(self.mem)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from live_migrate.engine import Migration, MigrationOptions
-from live_migrate.guest import DirtyTracking, Geometry
+from live_migrate.guest import DirtyTracking, Geometry, StateFormat
 from live_migrate.guests.sim import SimGuest, parse_spec
 from live_migrate.states import MigrationState
 from live_migrate.transport import open_channels
@@ -221,6 +221,8 @@ class FlipGuest:
     """A guest in this process whose pages turn zero and back between rounds (written
     just before each collection of dirty pages): the kept copy of a page announced as
     zero must read zero, and a zero page written again must go again."""
+
+    state_format = StateFormat.SIM
 
     def __init__(self, pages: int, dirty: str) -> None:
         rng = np.random.default_rng(5)

@@ -156,8 +156,9 @@ def test_source_keeps_running_when_receiver_dies(source, hosts, work):
 
 def test_source_keeps_running_when_the_receiver_has_no_qemu(source, hosts):
     """`p2v receive` started without --qemu builds a sim guest: it must refuse a QEMU
-    guest's device state, or the source QEMU would stop for good with its guest in a
-    simulation."""
+    guest, or the source QEMU would stop for good with its guest in a simulation. The
+    HELLO says the device state is QEMU's, so it refuses there: no page is sent and the
+    source is never paused."""
     src, spec = source
     log = SerialLog(spec.serial_log)
     receiver, port = start_cli_receiver(hosts, "--output", "json")
@@ -172,4 +173,5 @@ def test_source_keeps_running_when_the_receiver_has_no_qemu(source, hosts):
     _check_source_survived(src, log, report, "receiver without --qemu")
     assert "p2v receive --qemu" in (report.error or ""), report.error
     assert receiver.returncode == 1 and not json.loads(out)["completed"]
-    assert any(s == "stopping" for s, _ in report.states)
+    assert not any(s == "stopping" for s, _ in report.states), report.states
+    assert report.bytes_sent < 4096, report.bytes_sent

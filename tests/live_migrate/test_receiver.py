@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 
 from live_migrate import wire
 from live_migrate.engine import Migration, MigrationOptions
-from live_migrate.guest import Geometry
+from live_migrate.guest import Geometry, StateFormat
 from live_migrate.guests.sim import SimGuest, SimTarget, parse_spec
 from live_migrate.receiver import Receiver, ReceiverOptions
+from live_migrate.states import MigrationState
 from live_migrate.transport import SocketStream
 
 
@@ -200,3 +201,47 @@ def test_mutated_streams_are_refused_or_harmless(draw) -> None:
         else:
             mutated.insert(pos, draw.draw(st.integers(0, 255)))
     check_clean(bytes(mutated), memory_hash)
+
+
+class _QemuLikeGuest(SimGuest):
+    state_format = StateFormat.QEMU
+
+
+class _QemuLikeTarget(SimTarget):
+    state_format = StateFormat.QEMU
+
+
+@pytest.mark.parametrize(
+    ("guest_class", "target_class", "reason"),
+    [
+        (_QemuLikeGuest, SimTarget, "p2v receive --qemu"),
+        (SimGuest, _QemuLikeTarget, "the source is not a QEMU guest"),
+    ],
+)
+def test_device_state_formats_that_differ_are_refused_at_the_hello(
+    guest_class, target_class, reason
+) -> None:
+    """A QEMU guest into a sim target (or the reverse) is refused before any page goes:
+    the source is never paused, the target is discarded."""
+    a, b = socket.socketpair()
+    made: list[SimTarget] = []
+
+    def targets(geometry: Geometry) -> SimTarget:
+        made.append(target_class(geometry))
+        return made[-1]
+
+    receiver = Receiver(SocketStream(b), None, targets, ReceiverOptions())
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("r", receiver.run()))
+    thread.start()
+    with guest_class(parse_spec("sim:2M,workload=idle")) as guest:
+        migration = Migration(guest, [SocketStream(a)], MigrationOptions())
+        report = migration.run()
+        assert not guest.is_paused
+    thread.join(10)
+    assert not report.completed and report.source_running
+    assert reason in (report.error or ""), report.error
+    assert MigrationState.STOPPING not in migration.states
+    assert report.pages.total == 0
+    assert not result["r"].completed and reason in (result["r"].error or "")
+    assert [t.discarded for t in made] == [True]
