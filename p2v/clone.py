@@ -43,7 +43,7 @@ from formats.image import Image
 
 from . import inventory, protocol
 from .protocol import AgentConnection, AgentError
-from .remote import BLOCK, RemoteDisk, RemoteReadError, start_agent
+from .remote import BLOCK, CHUNK, RemoteDisk, RemoteReadError, start_agent
 from .ssh import ConnectOptions, connect
 
 log = logging.getLogger(__name__)
@@ -373,7 +373,7 @@ class _Copier:
         self.disk.recorder = self.record
         try:
             stats = convert_image(
-                self.disk, self.target, progress=progress, workers=workers, only=plan
+                self.disk, self.target, progress=progress, workers=workers, only=plan, chunk=CHUNK
             )
         except BaseException:
             # what was stored before the failure is kept for the next run

@@ -1,7 +1,7 @@
 """A disk on the physical server as a read-only `formats.Image`.
 
-Reads are cut at BLOCK boundaries and sent as READ requests all at once, so one 4 MiB
-chunk of the conversion engine is 16 requests in flight; with the engine's workers that
+Reads are cut at BLOCK boundaries and sent as READ requests all at once, so one CHUNK
+of the conversion engine is 16 requests in flight; with the engine's workers that
 keeps the SSH channel full (pipelining, as nbdcopy does over NBD). The agent answers
 zero blocks with a flag instead of data, may zlib-compress the rest, and sends the
 sha256 of every block it read: those digests are what `clone` verifies the written image
@@ -29,6 +29,10 @@ from .ssh import Session
 #: request and digest granularity: small enough that a sync resends little, large
 #: enough that per-request work stays negligible
 BLOCK = 256 << 10
+#: the engine's chunk for a remote disk: its READs go out together, so a larger chunk
+#: keeps more of them in flight (bench_clone --skip-unused: 11.4 s with the engine's
+#: 2 MiB, 8.6 s with 4 MiB, 9.4 s with 8 MiB)
+CHUNK = 4 << 20
 CACHE_BLOCKS = 64
 
 Recorder = Callable[[int, int, bytes], None]
