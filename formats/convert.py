@@ -157,8 +157,7 @@ class _Engine:
         self.buffers = _BufferPool(self.chunk)
         self.writes: collections.deque[cf.Future[None]] = collections.deque()
         self.unsynced: dict[int, int] = {}
-        #: outputs that cannot preallocate (block devices, some filesystems)
-        self.no_prealloc: set[int] = set()
+        self.data_writer = _DataWriter(dst.appends)
 
     @functools.cached_property
     def zgrain(self) -> int:
@@ -232,7 +231,7 @@ class _Engine:
         return pending
 
     def _issue(self, pending: list[PendingWrite], piece: _Piece) -> None:
-        _write_all(pending, self.no_prealloc)  # its frame and views end before recycling
+        self.data_writer.write(pending)  # its frame and views end before recycling
         if self.dst.durable:
             self._writeback(pending)
         pending.clear()
@@ -288,6 +287,7 @@ class _Engine:
                 while inflight:
                     self._drain_one(inflight, writer)
                 self._reap_writes(0)
+                self.data_writer.trim()
             except BaseException:
                 for f in inflight:
                     f.cancel()
@@ -314,14 +314,54 @@ class _Engine:
 
 #: data writes at least this long are preallocated first (smaller ones lose by it)
 PREALLOCATE_MIN = 256 << 10
+#: an appending target is preallocated this far ahead of its writes at a time: one
+#: fallocate per 2 MiB write is a journal transaction each (609 calls, 80 ms of a 1.2 GiB
+#: raw->qcow2 copy; 32 MiB steps: 40 calls, 10 ms, the writes themselves unchanged)
+PREALLOCATE_AHEAD = 32 << 20
 
 
-def _write_all(pending: list[PendingWrite], no_prealloc: set[int]) -> None:
-    for fd, data, offset in pending:
-        big = len(data) >= PREALLOCATE_MIN and fd not in no_prealloc
-        if big and not preallocate(fd, offset, len(data)):
-            no_prealloc.add(fd)
-        pwrite_all(fd, data, offset)
+class _DataWriter:
+    """Issues the deferred data writes (on the writer thread), preallocating the ranges
+    they cover so that ext4 takes them into allocated blocks. A target that writes where
+    the source has data gets exactly those ranges (its holes must stay holes); a target
+    that appends fresh clusters at the end of its file gets whole steps ahead, and what
+    lies beyond the file's end afterwards is released by `trim`."""
+
+    def __init__(self, appends: bool) -> None:
+        self.appends = appends
+        #: outputs that cannot preallocate (block devices, some filesystems)
+        self.refused: set[int] = set()
+        #: per file: where its preallocation ends
+        self.ahead: dict[int, int] = {}
+
+    def write(self, pending: list[PendingWrite]) -> None:
+        for fd, data, offset in pending:
+            if len(data) >= PREALLOCATE_MIN and fd not in self.refused:
+                self._preallocate(fd, offset, len(data))
+            pwrite_all(fd, data, offset)
+
+    def _preallocate(self, fd: int, offset: int, n: int) -> None:
+        start, end = offset, offset + n
+        if self.appends:
+            done = self.ahead.get(fd, 0)
+            if end <= done:
+                return
+            start = max(start, done)
+            end = max(end, start + PREALLOCATE_AHEAD)
+        if preallocate(fd, start, end - start):
+            if self.appends:
+                self.ahead[fd] = end
+        else:
+            self.refused.add(fd)
+
+    def trim(self) -> None:
+        """Give back what was preallocated past the end of each file: truncating to its
+        own size frees it (ext4 does not punch holes beyond the end)."""
+        for fd, end in self.ahead.items():
+            size = os.fstat(fd).st_size
+            if end > size:
+                os.ftruncate(fd, size)
+        self.ahead.clear()
 
 
 def default_workers(src: Image | None = None, dst: Image | None = None) -> int:

@@ -46,6 +46,10 @@ class Image:
     format: str = "?"
     #: writers that accept only in-order writes (streamOptimized VMDK) set this
     is_sequential: bool = False
+    #: fresh clusters go to the end of the file, whole, so the engine may preallocate
+    #: ahead of them without filling a hole the image means to keep (VHDX and VDI leave
+    #: holes inside their blocks: not them)
+    appends: bool = False
     #: the unit at which the writer tracks allocation; the engine aligns chunks to it and
     #: detects zeros at this size, or at `zero_grain` when the writer sets a smaller one
     #: (then `encode` receives only runs in which no zero_grain is all zeros)

@@ -1,5 +1,3 @@
-import sys
+from p2v.cli import run
 
-from p2v.cli import main
-
-sys.exit(main())
+run()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import pkgutil
+import os
 import sys
 from typing import Any
 
@@ -36,11 +36,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     only = _OneCommand(sub, command) if command else None
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        importlib.import_module(f"{commands.__name__}.{info.name}").register(only or sub)
+    for name in _command_modules():
+        importlib.import_module(f"{commands.__name__}.{name}").register(only or sub)
     if only is not None and not only.found:
         return build_parser()  # not a command: the full parser names the real ones
     return parser
+
+
+def _command_modules() -> list[str]:
+    """The modules of p2v/commands (pkgutil.iter_modules would load `inspect`: ~7 ms)."""
+    names = {
+        entry.name.removesuffix(".py")
+        for path in commands.__path__
+        for entry in os.scandir(path)
+        if entry.name.endswith(".py") and not entry.name.startswith("_")
+    }
+    return sorted(names)
 
 
 class _OneCommand:
@@ -92,6 +103,26 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"p2v: error: {describe(exc)}", file=sys.stderr)
         return 1
+
+
+def run() -> None:
+    """The console script: main(), then an exit that skips the interpreter's teardown
+    (freeing every module and object: ~16 ms of each `p2v` run, a tenth of a small
+    conversion) once nothing is left to it: the atexit handlers (weakref finalizers, log
+    handlers) run first, and a thread still running means the ordinary exit, which waits."""
+    import atexit
+    import threading
+
+    code = main()
+    if threading.active_count() > 1:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 141  # stdout closed under us: as a broken pipe
+    os._exit(code)
 
 
 def describe(exc: BaseException) -> str:

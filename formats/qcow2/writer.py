@@ -65,6 +65,8 @@ def check_writable(
 class Qcow2Writer(Qcow2Image):
     """A qcow2 image open for writing."""
 
+    appends = True  # fresh clusters come from the end (not after preallocate_metadata)
+
     def start_writing(self) -> None:
         meta = self.meta
         hdr = meta.header
@@ -572,6 +574,7 @@ class Qcow2Writer(Qcow2Image):
         sparse holes until written); with a backing file only extended L2 entries can do
         this without hiding it, so the clusters are allocated but marked unallocated."""
         self._begin()
+        self.appends = False
         cb, cs = self.cluster_bits, self.cluster_size
         per = self.l2_entries
         nclusters = -(-self.size >> cb)

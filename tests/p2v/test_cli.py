@@ -52,3 +52,22 @@ def test_global_options_before_the_command(tmp_path):
     image.write_bytes(bytes(4096))
     code, out = _run(["--debug", "info", "--output", "json", str(image)])
     assert code == 0 and '"virtual-size": 4096' in out
+
+
+def test_the_console_script_flushes_and_exits_with_mains_status(tmp_path):
+    # run() leaves without the interpreter's teardown: what was printed must still
+    # reach a file (block-buffered), and the status must be main()'s
+    import subprocess
+    import sys
+
+    image = tmp_path / "a.raw"
+    image.write_bytes(bytes(4096))
+    script = "from p2v.cli import run; run()"
+    out = tmp_path / "out.json"
+    with open(out, "w") as f:
+        ok = subprocess.run([sys.executable, "-c", script, "info", "--output", "json",
+                             str(image)], stdout=f, stderr=subprocess.PIPE)  # fmt: skip
+    assert ok.returncode == 0 and '"virtual-size": 4096' in out.read_text()
+    bad = subprocess.run([sys.executable, "-c", script, "info", str(tmp_path / "none")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 1 and bad.stderr.startswith("p2v: error:")
