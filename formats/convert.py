@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import functools
+import itertools
 import mmap
 import os
 import threading
@@ -27,7 +28,7 @@ from typing import Any
 
 from .errors import FormatError
 from .extents import Extent, Kind, coalesce, intersect_data, union_data
-from .fileio import preallocate, pwrite_all, start_writeback
+from .fileio import contiguous, preallocate, pwritev_all, start_writeback
 from .image import Image, PendingWrite
 from .zeros import differ_mask, mask_runs, nonzero_mask
 
@@ -335,10 +336,14 @@ class _DataWriter:
         self.ahead: dict[int, int] = {}
 
     def write(self, pending: list[PendingWrite]) -> None:
-        for fd, data, offset in pending:
-            if len(data) >= PREALLOCATE_MIN and fd not in self.refused:
-                self._preallocate(fd, offset, len(data))
-            pwrite_all(fd, data, offset)
+        # pieces that follow one another in a file (a VHD block's bitmap and its data) go
+        # out in one pwritev
+        for fd, group in itertools.groupby(pending, key=lambda w: w[0]):
+            for offset, bufs in contiguous([(off, data) for _, data, off in group]):
+                n = sum(len(b) for b in bufs)
+                if n >= PREALLOCATE_MIN and fd not in self.refused:
+                    self._preallocate(fd, offset, n)
+                pwritev_all(fd, bufs, offset)
 
     def _preallocate(self, fd: int, offset: int, n: int) -> None:
         start, end = offset, offset + n

@@ -6,6 +6,8 @@ import contextlib
 import ctypes
 import errno
 import os
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from .errors import CorruptImage
 
@@ -53,6 +55,47 @@ def pwrite_all(fd: int, data, offset: int) -> None:
         n = os.pwrite(fd, mv, offset)
         mv = mv[n:]
         offset += n
+
+
+#: buffers per pwritev (the kernel's IOV_MAX)
+IOV_MAX = 1024
+
+
+def contiguous(segments: Sequence[tuple[int, Any]]) -> Iterator[tuple[int, list[Any]]]:
+    """(offset, buffers) of each run of (offset, buffer) pieces that follow one another in
+    the file, at most IOV_MAX buffers each."""
+    i = 0
+    while i < len(segments):
+        off, first = segments[i]
+        bufs = [first]
+        end = off + len(first)
+        j = i + 1
+        while j < len(segments) and segments[j][0] == end and len(bufs) < IOV_MAX:
+            bufs.append(segments[j][1])
+            end += len(segments[j][1])
+            j += 1
+        yield off, bufs
+        i = j
+
+
+def pwritev_all(fd: int, bufs: list[Any], offset: int) -> None:
+    """Write buffers that follow one another from offset, in one call when it can."""
+    if len(bufs) == 1:
+        pwrite_all(fd, bufs[0], offset)
+        return
+    written = os.pwritev(fd, bufs, offset)
+    pos = offset
+    for b in bufs:  # a short write is finished piece by piece
+        if pos + len(b) > offset + written:
+            skip = max(0, offset + written - pos)
+            pwrite_all(fd, memoryview(b)[skip:], pos + skip)
+        pos += len(b)
+
+
+def write_segments(fd: int, segments: Sequence[tuple[int, Any]]) -> None:
+    """Write (offset, bytes) pieces, file-contiguous runs joined into one pwritev."""
+    for off, bufs in contiguous(segments):
+        pwritev_all(fd, bufs, off)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:

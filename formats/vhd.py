@@ -28,7 +28,7 @@ from construct import Array, Bytes, ConstructError, Int8ub, Int16ub, Int32ub, In
 from .backing import BackingPolicy, open_backing, resolve
 from .errors import CorruptImage, FormatError, UnsafeImage, UnsupportedFeature
 from .extents import Extent, Kind, from_cluster_kinds
-from .fileio import file_size, pread_exact, preadinto, punch_hole, pwrite_all
+from .fileio import file_size, pread_exact, preadinto, punch_hole, pwrite_all, write_segments
 from .image import CheckResult, Image
 from .magic import VHD_COOKIE
 from .magic import vpc as matches  # noqa: F401  (the probe rule, re-exported)
@@ -496,7 +496,12 @@ class SparseVhd(PrescanWrites, Image):
                 segments.append((data_off, part))
             pos += n
             done += n
-        _write_segments(self.fd, segments)
+        if self._pending is not None:
+            # the engine's writer thread issues them (preallocated) while this one plans;
+            # its chunks are cluster-aligned, so no write here merged edges read back
+            self._pending.extend((self.fd, memoryview(b).cast("B"), off) for off, b in segments)
+        else:
+            write_segments(self.fd, segments)
 
     def _bitmap_bytes(self, bits: np.ndarray | None) -> bytes:
         if bits is None:
@@ -600,33 +605,6 @@ def bat_problems(
     if len(clash) > 8:
         out.append(f"vpc: {len(clash) - 8} more overlapping blocks")
     return [m for m in out if m not in seen]
-
-
-def _write_segments(fd: int, segments: list[tuple[int, Any]]) -> None:
-    """Write (offset, bytes) pieces, joining file-contiguous runs into one pwritev."""
-    i = 0
-    iov_max = 1024
-    while i < len(segments):
-        off, first = segments[i]
-        bufs = [first]
-        end = off + len(first)
-        j = i + 1
-        while j < len(segments) and segments[j][0] == end and len(bufs) < iov_max:
-            bufs.append(segments[j][1])
-            end += len(segments[j][1])
-            j += 1
-        if len(bufs) == 1:
-            pwrite_all(fd, first, off)
-        else:
-            written = os.pwritev(fd, bufs, off)
-            if written != end - off:  # short write: finish piece by piece
-                pos = off
-                for b in bufs:
-                    if pos + len(b) > off + written:
-                        skip = max(0, off + written - pos)
-                        pwrite_all(fd, memoryview(b)[skip:], pos + skip)
-                    pos += len(b)
-        i = j
 
 
 # ---------------------------------------------------------------------------------------

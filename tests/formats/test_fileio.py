@@ -38,3 +38,28 @@ def test_preallocate_keeps_size_and_reads_zeros(tmp_path):
         assert os.pread(fd, 4096, 4096) == bytes(4096)
     finally:
         os.close(fd)
+
+
+def test_contiguous_pieces_are_joined_and_written_in_one_call(tmp_path, monkeypatch):
+    from formats import fileio
+
+    segs = [(0, b"a" * 512), (512, b"b" * 4096), (8192, b"c" * 10), (8202, b"d")]
+    assert [(o, len(b)) for o, b in fileio.contiguous(segs)] == [(0, 2), (8192, 2)]
+    monkeypatch.setattr(fileio, "IOV_MAX", 1)
+    assert [o for o, _ in fileio.contiguous(segs)] == [0, 512, 8192, 8202]
+    monkeypatch.undo()
+    calls = []
+    real = os.pwritev
+    monkeypatch.setattr(
+        os, "pwritev", lambda fd, bufs, off: calls.append(off) or real(fd, bufs, off)
+    )
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fileio.write_segments(fd, segs)
+    finally:
+        os.close(fd)
+    assert calls == [0, 8192]
+    data = path.read_bytes()
+    assert data[:4608] == b"a" * 512 + b"b" * 4096 and data[8192:] == b"c" * 10 + b"d"
+    assert data[4608:8192] == bytes(3584)
