@@ -5,7 +5,8 @@ write with -12; we read with -15, which accepts any raw deflate stream. Decompre
 stops once a whole cluster came out: the descriptor rounds the compressed size up to a
 sector, so bytes of the next cluster (or garbage) may follow the stream. Both codecs
 release the GIL, so the engine's pool runs them in parallel; zstd contexts are not
-thread-safe and live one per thread.
+thread-safe and live one per thread. zstandard is imported on the first zstd cluster:
+most images never have one, and the import costs ~5 ms of every start.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from __future__ import annotations
 import io
 import threading
 import zlib
-
-import zstandard
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptImage
 from .layout import COMPRESSION_ZLIB, COMPRESSION_ZSTD
@@ -26,10 +26,15 @@ ZSTD_LEVEL = 3  # zstd's default, what qemu uses
 
 _local = threading.local()
 
+if TYPE_CHECKING:
+    import zstandard
+
 
 def _zstd_d() -> zstandard.ZstdDecompressor:
     d = getattr(_local, "zstd_d", None)
     if d is None:
+        import zstandard
+
         d = _local.zstd_d = zstandard.ZstdDecompressor()
     return d
 
@@ -37,6 +42,8 @@ def _zstd_d() -> zstandard.ZstdDecompressor:
 def _zstd_c() -> zstandard.ZstdCompressor:
     c = getattr(_local, "zstd_c", None)
     if c is None:
+        import zstandard
+
         c = _local.zstd_c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     return c
 
@@ -48,7 +55,7 @@ def decompress(ctype: int, data: bytes | memoryview, cluster_size: int, where: i
             out = zlib.decompressobj(ZLIB_WBITS_READ).decompress(data, cluster_size)
         else:
             out = _zstd_decompress(data, cluster_size)
-    except (zlib.error, zstandard.ZstdError) as exc:
+    except (zlib.error, _ZstdError) as exc:
         raise CorruptImage(
             f"qcow2: compressed cluster at {where:#x} does not decompress: {exc}"
         ) from exc
@@ -60,7 +67,20 @@ def decompress(ctype: int, data: bytes | memoryview, cluster_size: int, where: i
     return out
 
 
+class _ZstdError(Exception):
+    """zstandard's error, raised as this one (the module is imported on first use)."""
+
+
 def _zstd_decompress(data: bytes | memoryview, cluster_size: int) -> bytes:
+    import zstandard
+
+    try:
+        return _zstd_frames(zstandard, data, cluster_size)
+    except zstandard.ZstdError as exc:
+        raise _ZstdError(str(exc)) from exc
+
+
+def _zstd_frames(zstandard: Any, data: bytes | memoryview, cluster_size: int) -> bytes:
     d = _zstd_d()
     try:
         size = zstandard.frame_content_size(bytes(data[:18]))

@@ -613,3 +613,16 @@ def test_many_snapshots_open_and_check_quickly(tmp_path):
         assert len(img.info()["snapshots"]) == 65536
         assert img.check().exit_code == 2  # the table's clusters have no refcount
     assert time.monotonic() - t0 < 10  # about 1 s on an idle machine
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+def test_a_compressed_cluster_that_does_not_decompress_is_corrupt(ctype):
+    from formats.errors import CorruptImage
+    from formats.qcow2 import compression as C
+
+    kind = C.COMPRESSION_ZSTD if ctype == "zstd" else C.COMPRESSION_ZLIB
+    good = C.compress(kind, b"\x42" * 65536)
+    assert C.decompress(kind, good, 65536, 0) == b"\x42" * 65536
+    bad = b"\x28\xb5\x2f\xfd" + b"\xff" * 60 if ctype == "zstd" else b"\xff" * 64
+    with pytest.raises(CorruptImage, match="does not decompress|holds"):
+        C.decompress(kind, bad, 65536, 0x10000)
