@@ -15,7 +15,7 @@ from live_migrate.errors import GuestError
 from live_migrate.guest import PAGE_SIZE, DirtyTracking, SourceGuest, TargetGuest
 from live_migrate.guests.qemu import QemuSource, QemuTarget, parse_guest_option
 from live_migrate.guests.qemu_throttle import CgroupThrottle, measure_cpu, vcpu_threads
-from live_migrate.qemu_launcher import QemuProcess, QemuSpec
+from live_migrate.qemu_launcher import QemuProcess, QemuSpec, connectable
 from live_migrate.qmp import QMPClient, QMPCommandError, QMPError
 from tests.external import need_tool
 
@@ -63,8 +63,10 @@ def _raw_qemu(work: Workdir, name: str, *args: str) -> tuple[subprocess.Popen, s
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    # The socket's file appears at bind(), a moment before QEMU listens on it: wait
+    # until a connection is accepted (QEMU takes the next client once this one closes).
     for _ in range(500):
-        if os.path.exists(qmp):
+        if connectable(qmp):
             break
         assert proc.poll() is None, "QEMU did not start"
         time.sleep(0.01)
