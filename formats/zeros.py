@@ -23,8 +23,21 @@ def nonzero_mask(buf: memoryview, n: int, grain: int) -> np.ndarray:
     arr = np.frombuffer(buf, dtype=np.uint8, count=count * grain)
     if grain % 8 == 0:
         arr = arr.view(np.uint64)
-    # an OR-reduction stays in the integers; any() converts every word to bool first
-    return np.bitwise_or.reduce(arr.reshape(count, -1), axis=1) != 0
+    return _any_rows(arr.reshape(count, -1))
+
+
+def _any_rows(rows: np.ndarray) -> np.ndarray:
+    """True for each row holding a non-zero word. A grain of data nearly always shows it
+    in its first or last word: only the others are read whole (reading every word was
+    0.09 s of the engine's 0.40 s for 1.2 GiB, on a core the kernel's copies need)."""
+    mask = (rows[:, 0] | rows[:, -1]) != 0
+    rest = np.flatnonzero(~mask)
+    if 4 * len(rest) > len(mask):  # mostly zeros: one pass over all beats gathering rows
+        # an OR-reduction stays in the integers; any() converts every word to bool first
+        return np.bitwise_or.reduce(rows, axis=1) != 0
+    if len(rest):
+        mask[rest] = np.bitwise_or.reduce(rows[rest], axis=1) != 0
+    return mask
 
 
 def differ_mask(a: memoryview, b: memoryview, n: int, grain: int) -> np.ndarray:

@@ -54,3 +54,22 @@ def test_masks_match_the_model(a_spec, b_spec):
     assert differ_mask(memoryview(a), memoryview(b), n, GRAIN).tolist() == [
         a[s : s + GRAIN] != b[s : s + GRAIN] for s in grains
     ]
+
+
+# per grain: all zeros, a single non-zero byte inside (first and last word zero), or data
+grain_kinds = st.lists(st.sampled_from(["zero", "inner", "data", "data", "data"]), max_size=40)
+
+
+@settings(max_examples=200)
+@given(grain_kinds, st.integers(8, GRAIN - 9))
+def test_nonzero_mask_finds_data_away_from_a_grains_edges(kinds, inner):
+    """Mostly-data chunks take the path that reads only the grains whose first and last
+    words are zero: a byte between them must still count."""
+    data = bytearray(len(kinds) * GRAIN)
+    for i, kind in enumerate(kinds):
+        if kind == "inner":
+            data[i * GRAIN + inner] = 1
+        elif kind == "data":
+            data[i * GRAIN : (i + 1) * GRAIN] = bytes(range(1, GRAIN + 1))
+    expect = [kind != "zero" for kind in kinds]
+    assert nonzero_mask(memoryview(data), len(data), GRAIN).tolist() == expect
