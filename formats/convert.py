@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import FormatError
-from .extents import Extent, Kind, coalesce, intersect_data, union_data
-from .fileio import contiguous, preallocate, pwritev_all, start_writeback
+from .extents import Extent, Kind, coalesce, from_ranges, intersect_data, overlay, union_data
+from .fileio import contiguous, preallocate, punch_hole, pwritev_all, start_writeback
 from .image import Image, PendingWrite
 from .zeros import differ_mask, mask_runs, nonzero_mask
 
@@ -158,7 +158,7 @@ class _Engine:
         self.buffers = _BufferPool(self.chunk)
         self.writes: collections.deque[cf.Future[None]] = collections.deque()
         self.unsynced: dict[int, int] = {}
-        self.data_writer = _DataWriter(dst.appends)
+        self.data_writer = _DataWriter(dst)
 
     @functools.cached_property
     def zgrain(self) -> int:
@@ -323,17 +323,24 @@ PREALLOCATE_AHEAD = 32 << 20
 
 class _DataWriter:
     """Issues the deferred data writes (on the writer thread), preallocating the ranges
-    they cover so that ext4 takes them into allocated blocks. A target that writes where
-    the source has data gets exactly those ranges (its holes must stay holes); a target
-    that appends fresh clusters at the end of its file gets whole steps ahead, and what
-    lies beyond the file's end afterwards is released by `trim`."""
+    they cover so that ext4 takes them into allocated blocks. A target that appends fresh
+    clusters at the end of its file gets whole steps ahead, and what lies beyond the
+    file's end afterwards is released by `trim`. So does a fresh raw file (`data_only`),
+    whose every byte is the guest's at its own offset: there `trim` also punches back what
+    was preallocated but not written, the holes the output must keep. Other targets get
+    exactly the ranges they write: their holes must stay holes, and their metadata may
+    land anywhere in the file."""
 
-    def __init__(self, appends: bool) -> None:
-        self.appends = appends
+    def __init__(self, dst: Image) -> None:
+        self.ahead_of_writes = dst.appends or dst.data_only
+        self.punch_back = dst.data_only
         #: outputs that cannot preallocate (block devices, some filesystems)
         self.refused: set[int] = set()
         #: per file: where its preallocation ends
         self.ahead: dict[int, int] = {}
+        #: per file, with punch_back: the ranges preallocated and the ranges written
+        self.preallocated: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+        self.written: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
 
     def write(self, pending: list[PendingWrite]) -> None:
         # pieces that follow one another in a file (a VHD block's bitmap and its data) go
@@ -344,29 +351,48 @@ class _DataWriter:
                 if n >= PREALLOCATE_MIN and fd not in self.refused:
                     self._preallocate(fd, offset, n)
                 pwritev_all(fd, bufs, offset)
+                if self.punch_back:
+                    self.written[fd].append((offset, offset + n))
 
     def _preallocate(self, fd: int, offset: int, n: int) -> None:
         start, end = offset, offset + n
-        if self.appends:
+        if self.ahead_of_writes:
             done = self.ahead.get(fd, 0)
-            if end <= done:
+            if end <= done:  # (or out of order, below the mark: left as it is)
                 return
             start = max(start, done)
             end = max(end, start + PREALLOCATE_AHEAD)
         if preallocate(fd, start, end - start):
-            if self.appends:
+            if self.ahead_of_writes:
                 self.ahead[fd] = end
+            if self.punch_back:
+                self.preallocated[fd].append((start, end))
         else:
             self.refused.add(fd)
 
     def trim(self) -> None:
-        """Give back what was preallocated past the end of each file: truncating to its
-        own size frees it (ext4 does not punch holes beyond the end)."""
+        """Give back what was preallocated and not written: past the end of each file by
+        truncating it to its own size (ext4 does not punch holes beyond the end), inside
+        a data-only file by punching holes."""
         for fd, end in self.ahead.items():
             size = os.fstat(fd).st_size
+            for hole in self._unwritten(fd, size):
+                punch_hole(fd, hole.start, hole.length)
             if end > size:
                 os.ftruncate(fd, size)
         self.ahead.clear()
+
+    def _unwritten(self, fd: int, size: int) -> Iterator[Extent]:
+        """Ranges of [0, size) preallocated ahead of the writes that none covered."""
+        spans = self.preallocated.pop(fd, [])
+        if not spans:
+            return
+        written = self.written.pop(fd, [])
+        for start, length, pre, wrote in overlay(
+            from_ranges(spans, size), from_ranges(written, size)
+        ):
+            if pre == Kind.DATA and wrote == Kind.ZERO:
+                yield Extent(start, length, Kind.ZERO)
 
 
 def default_workers(src: Image | None = None, dst: Image | None = None) -> int:

@@ -77,6 +77,23 @@ def from_cluster_kinds(
             yield Extent(s, e - s, Kind(value))
 
 
+def from_ranges(ranges: Iterable[tuple[int, int]], end: int) -> Iterator[Extent]:
+    """The map of [0, end): DATA over the (start, stop) ranges, which may overlap or come
+    in any order, ZERO between them."""
+
+    def pieces() -> Iterator[Extent]:
+        pos = 0
+        for start, stop in sorted(ranges):
+            start, stop = max(start, pos), min(stop, end)
+            if start < stop:
+                yield Extent(pos, start - pos, Kind.ZERO)
+                yield Extent(start, stop - start, Kind.DATA)
+                pos = stop
+        yield Extent(pos, end - pos, Kind.ZERO)
+
+    return coalesce(pieces())
+
+
 def allocated_bytes(extents: Iterable[Extent]) -> int:
     return sum(e.length for e in extents if e.kind == Kind.DATA)
 

@@ -108,4 +108,8 @@ def create(
         os.close(fd)
         os.unlink(path)
         raise
-    return RawImage(path, fd, size, writable=True)
+    image = RawImage(path, fd, size, writable=True)
+    # what the conversion preallocates and leaves unwritten it punches back: not after
+    # the user asked for the whole file allocated
+    image.data_only = preallocation == "off"
+    return image

@@ -229,9 +229,9 @@ def test_preallocated_output_holds_exactly_the_data_runs(tmp_path):
     qemu_img("compare", "-f", "raw", "-F", "raw", src, str(dst))
 
 
-def test_appending_output_is_preallocated_ahead_and_trimmed(tmp_path, monkeypatch):
-    # qcow2 appends its clusters: the engine preallocates in whole steps past the end of
-    # the file, fewer calls than writes; what the last step left past the end is released
+@pytest.fixture
+def preallocations(monkeypatch):
+    """The (offset, length) of each preallocation the engine asks for."""
     import formats.convert as fc
 
     calls: list[tuple[int, int]] = []
@@ -242,18 +242,84 @@ def test_appending_output_is_preallocated_ahead_and_trimmed(tmp_path, monkeypatc
         return real(fd, offset, length)
 
     monkeypatch.setattr(fc, "preallocate", spy)
-    monkeypatch.setattr(fc, "PREALLOCATE_AHEAD", 8 * MiB)
+    return calls
+
+
+def test_appending_output_is_preallocated_ahead_and_trimmed(tmp_path, monkeypatch, preallocations):
+    # qcow2 appends its clusters: the engine preallocates in whole steps past the end of
+    # the file, fewer calls than writes; what the last step left past the end is released
+    monkeypatch.setattr("formats.convert.PREALLOCATE_AHEAD", 8 * MiB)
     runs = [(0, os.urandom(20 * MiB)), (24 * MiB, os.urandom(3 * MiB))]
     src = make_raw(tmp_path / "src.raw", 32 * MiB, runs)
     dst = str(tmp_path / "dst.qcow2")
     with formats.open(src) as s:
         convert(s, dst, "qcow2", durable=False)
-    assert 2 <= len(calls) <= 5  # 23 MiB of data in 2 MiB writes: 12 writes
-    assert all(length >= 8 * MiB for _, length in calls)
+    assert 2 <= len(preallocations) <= 5  # 23 MiB of data in 2 MiB writes: 12 writes
+    assert all(length >= 8 * MiB for _, length in preallocations)
     st = os.stat(dst)
     assert st.st_blocks * 512 <= st.st_size + 64 * 1024  # nothing kept past the end
     assert "No errors" in qemu_img("check", dst).stdout
     qemu_img("compare", "-f", "raw", "-F", "qcow2", src, dst)
+
+
+def _data_map(path: str) -> list[tuple[int, int]]:
+    """(start, end) of each data range of a file, from SEEK_DATA/SEEK_HOLE."""
+    out, pos = [], 0
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        while pos < size:
+            try:
+                start = os.lseek(f.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data past pos
+                break
+            pos = os.lseek(f.fileno(), start, os.SEEK_HOLE)
+            out.append((start, pos))
+    return out
+
+
+def test_fresh_raw_output_is_preallocated_ahead_and_keeps_its_holes(
+    tmp_path, monkeypatch, preallocations
+):
+    # a fresh raw file is preallocated in steps ahead of the writes, fewer calls than
+    # writes; what the steps covered and no write did (zeros written in the source, gaps
+    # between its data) is punched back: the output's holes are where qemu-img's are
+    monkeypatch.setattr("formats.convert.PREALLOCATE_AHEAD", 16 * MiB)
+    runs = [
+        (0, os.urandom(6 * MiB)),
+        (6 * MiB, bytes(3 * MiB)),  # allocated in the source, all zeros
+        (9 * MiB, os.urandom(5 * MiB)),
+        (17 * MiB, os.urandom(MiB + 4096)),  # after a hole, ending inside a grain
+    ]
+    src = make_raw(tmp_path / "src.raw", 40 * MiB, runs)
+    dst, peer = str(tmp_path / "dst.raw"), str(tmp_path / "peer.raw")
+    with formats.open(src) as s:
+        convert(s, dst, "raw", durable=False)
+    qemu_img("convert", "-f", "raw", "-O", "raw", src, peer)
+    assert len(preallocations) <= 3  # 13 MiB of data in 2 MiB writes: 7 writes
+    assert (
+        _data_map(dst)
+        == _data_map(peer)
+        == [(0, 6 * MiB), (9 * MiB, 14 * MiB), (17 * MiB, 18 * MiB + 4096)]
+    )
+    assert os.stat(dst).st_blocks == os.stat(peer).st_blocks
+    qemu_img("compare", "-f", "raw", "-F", "raw", src, dst)
+
+
+def test_existing_or_preallocated_raw_targets_are_never_punched(tmp_path):
+    # data the engine does not write must survive in a file it did not create, and a raw
+    # file created with preallocation keeps all its blocks
+    src = make_raw(tmp_path / "src.raw", 16 * MiB, [(0, os.urandom(3 * MiB))])
+    keep = os.urandom(MiB)
+    existing = make_raw(tmp_path / "old.raw", 16 * MiB, [(8 * MiB, keep)])
+    with formats.open(src) as s, formats.open(existing, "raw", writable=True) as d:
+        convert_image(s, d)
+    with open(existing, "rb") as f:
+        f.seek(8 * MiB)
+        assert f.read(MiB) == keep
+    full = str(tmp_path / "full.raw")
+    with formats.open(src) as s:
+        convert(s, full, "raw", options={"preallocation": "falloc"}, durable=False)
+    assert os.stat(full).st_blocks * 512 >= 16 * MiB
 
 
 def test_chunks_merge_per_grain_but_widen_only_to_the_zero_grain():
