@@ -28,16 +28,12 @@ from typing import Any
 
 from .errors import FormatError
 from .extents import Extent, Kind, coalesce, from_ranges, intersect_data, overlay, union_data
-from .fileio import contiguous, preallocate, punch_hole, pwritev_all, start_writeback
+from .fileio import contiguous, preallocate, punch_hole, pwritev_small_folios, start_writeback
 from .image import Image, PendingWrite
 from .zeros import differ_mask, mask_runs, nonzero_mask
 
-#: bytes read per task, as qemu-img's requests. Larger chunks were slower on a VM whose free
-#: memory goes back to the host (virtio-balloon free page reporting): writes covering
-#: whole 2 MiB-aligned ranges of the output get 2 MiB page-cache folios, carved from
-#: the high-order free blocks the host has taken back, and fault them in page by page
-#: (qcow2->vpc 1.2-1.4 s with 4 MiB chunks, 0.54-0.63 s with 2 MiB; raw->qcow2 0.87-1.07
-#: against 0.51-0.59)
+#: bytes read per task, as qemu-img's requests (the writer keeps writes from covering whole
+#: 2 MiB-aligned ranges whatever the chunk: fileio.pwritev_small_folios)
 CHUNK = 2 << 20
 MAX_CHUNK = 8 << 20
 #: a durable output's writeback is started every this many bytes
@@ -350,7 +346,7 @@ class _DataWriter:
                 n = sum(len(b) for b in bufs)
                 if n >= PREALLOCATE_MIN and fd not in self.refused:
                     self._preallocate(fd, offset, n)
-                pwritev_all(fd, bufs, offset)
+                pwritev_small_folios(fd, bufs, offset)
                 if self.punch_back:
                     self.written[fd].append((offset, offset + n))
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from formats.fileio import preallocate, write_file_atomic
+import formats.fileio as fileio
+from formats.fileio import PMD_SIZE, preallocate, pwritev_small_folios, write_file_atomic
 
 
 def test_write_file_atomic_replaces_and_leaves_no_partial(tmp_path):
@@ -63,3 +66,50 @@ def test_contiguous_pieces_are_joined_and_written_in_one_call(tmp_path, monkeypa
     data = path.read_bytes()
     assert data[:4608] == b"a" * 512 + b"b" * 4096 and data[8192:] == b"c" * 10 + b"d"
     assert data[4608:8192] == bytes(3584)
+
+
+near_boundaries = st.one_of(
+    st.integers(0, 4 * PMD_SIZE),
+    st.sampled_from([0, PMD_SIZE, 3 * PMD_SIZE, 4096, PMD_SIZE - 4096, PMD_SIZE + 4096]),
+)
+lengths = st.one_of(
+    st.integers(1, 5 * PMD_SIZE), st.sampled_from([1, 4096, PMD_SIZE, PMD_SIZE + 1, 3 * PMD_SIZE])
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(near_boundaries, st.lists(lengths, min_size=1, max_size=3))
+def test_small_folio_writes_land_whole_and_never_cover_an_aligned_2mib_range(
+    tmp_path_factory, offset, sizes
+):
+    path = tmp_path_factory.mktemp("w") / "f"
+    calls: list[tuple[int, int]] = []
+    real = fileio.pwritev_all
+
+    def spy(fd: int, bufs: list, at: int) -> None:
+        calls.append((at, sum(len(b) for b in bufs)))
+        real(fd, bufs, at)
+
+    bufs = [os.urandom(n) for n in sizes]
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fileio.pwritev_all, saved = spy, fileio.pwritev_all
+        try:
+            pwritev_small_folios(fd, bufs, offset)
+        finally:
+            fileio.pwritev_all = saved
+        data = b"".join(bufs)
+        assert os.pread(fd, len(data), offset) == data
+    finally:
+        os.close(fd)
+    pos = offset
+    for at, n in calls:  # in order, back to back
+        assert at == pos
+        pos += n
+        first_boundary = -(-at // PMD_SIZE) * PMD_SIZE
+        assert first_boundary + PMD_SIZE > at + n  # no whole aligned 2 MiB inside
+    assert pos == offset + len(data)
+    # one cut per aligned 2 MiB range inside the write, and no other
+    first = -(-offset // PMD_SIZE) * PMD_SIZE
+    inside = max(0, (offset + len(data) - first) // PMD_SIZE)
+    assert len(calls) == 1 + inside
