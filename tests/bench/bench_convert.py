@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,7 +65,7 @@ _SCRIPT = os.path.join(os.path.dirname(sys.executable), "p2v")
 P2V = [_SCRIPT] if os.access(_SCRIPT, os.X_OK) else [sys.executable, "-m", "p2v"]
 
 #: cases whose p2v run takes less than SHORT seconds are run at least SHORT_REPEAT times
-SHORT, SHORT_REPEAT = 3.0, 7
+SHORT, SHORT_REPEAT = 3.0, 15
 
 
 def ensure_inputs() -> None:
@@ -118,7 +119,8 @@ def run_case(name: str, repeat: int) -> dict:
     out = os.path.join(WORK, "out.img")
     p2v_cmd = [*P2V, "convert", *p2v_args, src, out]
     peer_cmds = [["qemu-img", "convert", *args, src, out] for args in peers]
-    best: dict[str, tuple[float, float]] = {}
+    walls: dict[str, list[float]] = {}
+    rss: dict[str, float] = {}
     i = 0
     while i < repeat:
         order = [("p2v", p2v_cmd)] + [(f"peer{j}", c) for j, c in enumerate(peer_cmds)]
@@ -127,19 +129,24 @@ def run_case(name: str, repeat: int) -> dict:
         for label, cmd in order:
             drop(out)
             subprocess.run(["sync"])
-            wall, rss = timed(cmd)
+            wall, peak = timed(cmd)
             if label == "p2v" and i == 0:
                 verify(src, out)
-            prev = best.get(label)
-            best[label] = (min(wall, prev[0]) if prev else wall, max(rss, prev[1]) if prev else rss)
-        if i == 0 and best["p2v"][0] < SHORT:
+            walls.setdefault(label, []).append(wall)
+            rss[label] = max(rss.get(label, 0.0), peak)
+        if i == 0 and walls["p2v"][0] < SHORT:
             repeat = max(repeat, SHORT_REPEAT)  # sub-second runs: the VM's noise needs more tries
         i += 1
     drop(out)
+
+    def summary(label: str) -> tuple[float, float, float]:
+        return min(walls[label]), statistics.median(walls[label]), rss[label]
+
     return {
-        "p2v": best["p2v"],
-        "peers": [best[f"peer{j}"] for j in range(len(peers))],
+        "p2v": summary("p2v"),
+        "peers": [summary(f"peer{j}") for j in range(len(peers))],
         "peer_args": [" ".join(a) for a in peers],
+        "runs": len(walls["p2v"]),
     }
 
 
@@ -193,34 +200,38 @@ def main() -> None:
             formats._module(formats.normalize_format(fmt))
         except Exception as exc:  # a format not built yet is reported, not hidden
             print(f"{name}: skipped ({exc})")
-            rows.append(f"| {name} | not available: {exc} | | | |")
+            rows.append(f"| {name} | not available: {exc} | | | | | |")
             continue
         r = run_case(name, args.repeat)
-        p_wall, p_rss = r["p2v"]
-        for (q_wall, q_rss), q_args in zip(r["peers"], r["peer_args"]):
-            ratio = p_wall / q_wall
+        p_best, p_med, p_rss = r["p2v"]
+        for (q_best, q_med, q_rss), q_args in zip(r["peers"], r["peer_args"]):
             line = (
-                f"| {name} | p2v `{' '.join(CASES[name][1])}` {p_wall:.2f} s, {p_rss:.0f} MiB "
-                f"| qemu-img `{q_args}` "
-                f"{q_wall:.2f} s, {q_rss:.0f} MiB | **{ratio:.2f}** | {q_wall / p_wall:.2f}x |"
+                f"| {name} | p2v `{' '.join(CASES[name][1])}` {p_best:.2f} s "
+                f"(median {p_med:.2f}), {p_rss:.0f} MiB | qemu-img `{q_args}` {q_best:.2f} s "
+                f"(median {q_med:.2f}), {q_rss:.0f} MiB | **{p_best / q_best:.2f}** "
+                f"| {p_med / q_med:.2f} | {q_best / p_best:.2f}x | {r['runs']} |"
             )
             print(line, flush=True)
             rows.append(line)
     body = (
         "4 GiB GPT disk (FAT 256 MiB + ext4 with ~1.2 GiB of libraries, text and 300 MiB "
-        "random), page cache warm, best of "
-        f"{args.repeat} alternating runs, `sync` before each. Ratio = p2v time / qemu-img "
-        "time; peak RSS per process (GNU time). Same durability on both sides: `-t unsafe` "
-        "for p2v is what qemu-img convert does by default (no fsync, the kernel writes the "
-        "data back later); in the `durable` rows both fsync the output before exiting "
-        "(p2v's default, qemu-img's `-t writeback`). Python's bytecode is compiled first, as "
-        "an installed package has it, and p2v runs as "
+        f"random), page cache warm, at least {args.repeat} alternating runs of each tool "
+        f"(at least {SHORT_REPEAT} when p2v takes under {SHORT:.0f} s), `sync` before each; "
+        "best and median wall time. Ratio = p2v time / qemu-img time; peak RSS per process "
+        "(GNU time). Same durability on both sides: `-t unsafe` for p2v is what qemu-img "
+        "convert does by default (no fsync, the kernel writes the data back later); in the "
+        "`durable` rows both fsync the output before exiting (p2v's default, qemu-img's "
+        "`-t writeback`). Python's bytecode is compiled first, as an installed package has "
+        "it, and p2v runs as "
         + ("its console script (as users type it). " if P2V == [_SCRIPT] else "`python -m p2v`. ")
-        + "Writing fresh page cache on this VM is erratic (the same copy takes 0.7 s or 3 s "
-        "from one run to the next), hence best-of. Load average (1 min) before/after: "
-        f"{load_before:.1f}/{os.getloadavg()[0]:.1f}. Start-up, the fixed cost inside every "
-        f"row (converting a 1 MiB image, best of 7): p2v {p2v_start:.2f} s, qemu-img "
-        f"{qemu_start:.2f} s.\n\n| case | p2v | qemu-img | ratio | speed-up |\n|---|---|---|---|---|\n"
+        + "Writing fresh page cache on this VM is erratic: free memory goes back to the host "
+        "(free page reporting), and a copy into memory the host took back faults on the host "
+        "(docs/engine.md: why p2v never writes a whole 2 MiB-aligned range in one call). "
+        f"Load average (1 min) before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f}. "
+        "Start-up, the fixed cost inside every row (converting a 1 MiB image, best of 7): "
+        f"p2v {p2v_start:.2f} s, qemu-img {qemu_start:.2f} s.\n\n"
+        "| case | p2v best (median) | qemu-img best (median) | ratio of bests "
+        "| ratio of medians | speed-up | runs |\n|---|---|---|---|---|---|---|\n"
         + "\n".join(sorted(rows + kept, key=lambda r: list(CASES).index(_case_of(r))))
     )
     record("bench_convert", body, "python tests/bench/bench_convert.py")
