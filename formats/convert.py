@@ -321,15 +321,15 @@ class _DataWriter:
     """Issues the deferred data writes (on the writer thread), preallocating the ranges
     they cover so that ext4 takes them into allocated blocks. A target that appends fresh
     clusters at the end of its file gets whole steps ahead, and what lies beyond the
-    file's end afterwards is released by `trim`. So does a fresh raw file (`data_only`),
-    whose every byte is the guest's at its own offset: there `trim` also punches back what
-    was preallocated but not written, the holes the output must keep. Other targets get
-    exactly the ranges they write: their holes must stay holes, and their metadata may
-    land anywhere in the file."""
+    file's end afterwards is released by `trim`. So does a target that `prealloc_ahead`
+    allows (a fresh raw file or dynamic VHDX, where only the engine's data lands past its
+    first write): there `trim` also punches back what was preallocated and not written,
+    the holes the output must keep. Other targets get exactly the ranges they write:
+    their holes must stay holes, and their metadata may land anywhere in the file."""
 
     def __init__(self, dst: Image) -> None:
-        self.ahead_of_writes = dst.appends or dst.data_only
-        self.punch_back = dst.data_only
+        self.ahead_of_writes = dst.appends or dst.prealloc_ahead
+        self.punch_back = dst.prealloc_ahead
         #: outputs that cannot preallocate (block devices, some filesystems)
         self.refused: set[int] = set()
         #: per file: where its preallocation ends

@@ -50,10 +50,12 @@ class Image:
     #: ahead of them without filling a hole the image means to keep (VHDX and VDI leave
     #: holes inside their blocks: not them)
     appends: bool = False
-    #: the file holds the guest's bytes at their own offsets and nothing else (a fresh raw
-    #: file): the engine may preallocate ahead of its writes and punch back, once done,
-    #: what it did not write (never an existing file: it holds data outside the writes)
-    data_only: bool = False
+    #: while the engine converts into this image, nothing but its data writes (or zeros)
+    #: lands in the file past the first of them (a fresh raw file; a fresh dynamic VHDX,
+    #: whose metadata lies before its blocks): the engine may preallocate ahead of its
+    #: writes and punch back, once done, what it did not write. Never an existing file,
+    #: which holds data outside the writes
+    prealloc_ahead: bool = False
     #: the unit at which the writer tracks allocation; the engine aligns chunks to it and
     #: detects zeros at this size, or at `zero_grain` when the writer sets a smaller one
     #: (then `encode` receives only runs in which no zero_grain is all zeros)

@@ -111,5 +111,5 @@ def create(
     image = RawImage(path, fd, size, writable=True)
     # what the conversion preallocates and leaves unwritten it punches back: not after
     # the user asked for the whole file allocated
-    image.data_only = preallocation == "off"
+    image.prealloc_ahead = preallocation == "off"
     return image

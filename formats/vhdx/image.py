@@ -996,6 +996,10 @@ def create(
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     img = VhdxImage(path, fd, writable=True)
     img.created = True
+    # its headers, log, metadata, BAT (and a differencing disk's sector bitmaps) lie before
+    # the blocks: past the first block written, only block data lands. Not a fixed disk,
+    # whose blocks are allocated on purpose
+    img.prealloc_ahead = not fixed
     try:
         pwrite_all(fd, ident, 0)
         for slot in (0, 1):

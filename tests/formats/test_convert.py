@@ -305,6 +305,42 @@ def test_fresh_raw_output_is_preallocated_ahead_and_keeps_its_holes(
     qemu_img("compare", "-f", "raw", "-F", "raw", src, dst)
 
 
+def test_fresh_dynamic_vhdx_is_preallocated_ahead_and_keeps_its_holes(
+    tmp_path, monkeypatch, preallocations
+):
+    # its metadata lies before the blocks: ahead-preallocation and punching back leave the
+    # file exactly as sparse as exact per-write preallocation does
+    import formats.convert as fc
+
+    monkeypatch.setattr("formats.convert.PREALLOCATE_AHEAD", 16 * MiB)
+    runs = [
+        (0, os.urandom(5 * MiB)),
+        (5 * MiB, bytes(3 * MiB)),  # zeros inside the first block: a hole in the output
+        (8 * MiB, os.urandom(3 * MiB)),
+        (40 * MiB, os.urandom(MiB)),
+    ]
+    src = make_raw(tmp_path / "src.raw", 64 * MiB, runs)
+    outs = {}
+    for ahead in (True, False):
+        if not ahead:  # the exact ranges, as for targets that do not allow it
+            real_init = fc._DataWriter.__init__
+
+            def exact(self, dst, real_init=real_init):
+                real_init(self, dst)
+                self.ahead_of_writes = self.punch_back = False
+
+            monkeypatch.setattr(fc._DataWriter, "__init__", exact)
+        outs[ahead] = str(tmp_path / f"ahead-{ahead}.vhdx")
+        with formats.open(src) as s:
+            convert(s, outs[ahead], "vhdx", options={"block_size": "8M"}, durable=False)
+        if ahead:
+            assert len(preallocations) <= 3  # 9 MiB of data in 2 MiB writes
+        qemu_img("compare", "-f", "raw", "-F", "vhdx", src, outs[ahead])
+        assert "No errors" in qemu_img("check", outs[ahead]).stdout
+    assert os.stat(outs[True]).st_blocks == os.stat(outs[False]).st_blocks
+    assert os.stat(outs[True]).st_blocks * 512 < 16 * MiB  # the zeros and the gap are holes
+
+
 def test_existing_or_preallocated_raw_targets_are_never_punched(tmp_path):
     # data the engine does not write must survive in a file it did not create, and a raw
     # file created with preallocation keeps all its blocks
