@@ -14,13 +14,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import DriverError
-from .machine import DiskSpec, MachineSpec, NicSpec
+from .names import NAMES
 
 if TYPE_CHECKING:
+    from .machine import DiskSpec, MachineSpec, NicSpec
     from .platform import Adapted, DiskTarget, Platform
     from .readers import read_definition
 
 __all__ = [
+    "NAMES",
     "PLATFORMS",
     "Adapted",
     "DiskSpec",
@@ -34,11 +36,10 @@ __all__ = [
     "write_definition",
 ]
 
-#: the names `p2v v2v --to` and `p2v clone --target` take, in PLATFORMS' order; known
-#: without loading the drivers, which pull in XML and every writer (~12 ms of a start)
-NAMES = ("kvm", "vmware", "vsphere", "virtualbox", "hyperv", "xen", "azure", "aws")
-
 _LAZY = {
+    "DiskSpec": "machine",
+    "MachineSpec": "machine",
+    "NicSpec": "machine",
     "Adapted": "platform",
     "DiskTarget": "platform",
     "Platform": "platform",

@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DriverError
+from .names import BUSES, NIC_MODELS, OS_FAMILIES
 
 FIRMWARES = ("bios", "uefi")
-BUSES = ("virtio", "scsi", "sata", "ide", "nvme")
-NIC_MODELS = ("virtio", "e1000", "e1000e", "vmxnet3", "rtl8139", "pcnet", "netvsc", "xen")
-OS_FAMILIES = ("linux", "windows", "other")
 DISK_FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi")
 
 MIN_MEMORY = 4 << 20

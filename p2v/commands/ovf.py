@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from drivers.machine import OS_FAMILIES
+from drivers.names import OS_FAMILIES
 from p2v.output import human_size, parse_size, print_json
 from p2v.progress import byte_bar
 

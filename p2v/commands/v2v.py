@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 import drivers
-from drivers.machine import BUSES, NIC_MODELS, OS_FAMILIES
+from drivers.names import BUSES, NIC_MODELS, OS_FAMILIES
 from p2v.output import human_size, parse_size, print_json
 from p2v.progress import byte_bar
 
