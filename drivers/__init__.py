@@ -1,5 +1,6 @@
 """Target platforms: a MachineSpec in, a VM definition and the preferred disk format out.
 
+    names       the platform names, buses, NIC models and OS families (the CLI's choices)
     machine     MachineSpec, DiskSpec, NicSpec (validated), DriverError in errors
     platform    what every platform provides (DiskTarget, adapt, write, checklist)
     kvm vmware virtualbox hyperv xen azure aws   one module per platform
