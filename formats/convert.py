@@ -28,12 +28,12 @@ from typing import Any
 
 from .errors import FormatError
 from .extents import Extent, Kind, coalesce, from_ranges, intersect_data, overlay, union_data
-from .fileio import contiguous, preallocate, punch_hole, pwritev_small_folios, start_writeback
+from .fileio import contiguous, preallocate, punch_hole, pwritev_all, start_writeback
 from .image import Image, PendingWrite
 from .zeros import differ_mask, mask_runs, nonzero_mask
 
-#: bytes read per task, as qemu-img's requests (the writer keeps writes from covering whole
-#: 2 MiB-aligned ranges whatever the chunk: fileio.pwritev_small_folios)
+#: bytes read per task, as qemu-img's requests (writes never cover whole 2 MiB-aligned
+#: ranges, whatever the chunk: fileio.pwritev_all)
 CHUNK = 2 << 20
 MAX_CHUNK = 8 << 20
 #: a durable output's writeback is started every this many bytes
@@ -346,7 +346,7 @@ class _DataWriter:
                 n = sum(len(b) for b in bufs)
                 if n >= PREALLOCATE_MIN and fd not in self.refused:
                     self._preallocate(fd, offset, n)
-                pwritev_small_folios(fd, bufs, offset)
+                pwritev_all(fd, bufs, offset)
                 if self.punch_back:
                     self.written[fd].append((offset, offset + n))
 
@@ -369,7 +369,7 @@ class _DataWriter:
     def trim(self) -> None:
         """Give back what was preallocated and not written: past the end of each file by
         truncating it to its own size (ext4 does not punch holes beyond the end), inside
-        a data-only file by punching holes."""
+        a `prealloc_ahead` target's file by punching holes."""
         for fd, end in self.ahead.items():
             size = os.fstat(fd).st_size
             for hole in self._unwritten(fd, size):

@@ -50,7 +50,10 @@ def preadinto(fd: int, buf: memoryview, offset: int) -> int:
 
 
 def pwrite_all(fd: int, data, offset: int) -> None:
-    mv = memoryview(data).cast("B")
+    pwritev_all(fd, [data], offset)
+
+
+def _pwrite_loop(mv: memoryview, fd: int, offset: int) -> None:
     while len(mv):
         n = os.pwrite(fd, mv, offset)
         mv = mv[n:]
@@ -78,45 +81,29 @@ def contiguous(segments: Sequence[tuple[int, Any]]) -> Iterator[tuple[int, list[
         i = j
 
 
-def pwritev_all(fd: int, bufs: list[Any], offset: int) -> None:
-    """Write buffers that follow one another from offset, in one call when it can."""
-    if len(bufs) == 1:
-        pwrite_all(fd, bufs[0], offset)
-        return
-    written = os.pwritev(fd, bufs, offset)
-    pos = offset
-    for b in bufs:  # a short write is finished piece by piece
-        if pos + len(b) > offset + written:
-            skip = max(0, offset + written - pos)
-            pwrite_all(fd, memoryview(b)[skip:], pos + skip)
-        pos += len(b)
-
-
 #: the largest page-cache folio the kernel gives a file on x86-64 (a PMD)
 PMD_SIZE = 2 << 20
 _PAGE = 4096
 
 
-def pwritev_small_folios(fd: int, bufs: list[Any], offset: int) -> None:
-    """pwritev_all, in calls that never cover a whole 2 MiB-aligned range of the file:
-    a call that would is cut a page before the range's end. The kernel sizes a fresh
-    page-cache folio by the call's remaining length and its alignment, and such a call
-    gets a 2 MiB folio, carved from the high-order free blocks that a VM with free page
-    reporting (virtio-balloon, Firecracker) hands back to its host; copying into it then
-    faults every page in on the host. Measured on the bench disk: qcow2->raw 0.40-2.15 s
-    (median 1.65) with whole aligned writes, 0.46-0.92 s (median 0.50) cut, qemu-img
-    0.41-0.69 s (median 0.49); qcow2->vhdx median 1.5 s against 0.49. Writes that start
-    off a boundary (qcow2's clusters after its metadata) are left whole. On bare metal
-    the cut costs a system call per 2 MiB."""
-    end = offset + sum(len(b) for b in bufs)
-    first = -(-offset // PMD_SIZE) * PMD_SIZE  # the first boundary at or after offset
-    cuts = range(first + PMD_SIZE - _PAGE, end - _PAGE + 1, PMD_SIZE)
-    if not cuts:
-        pwritev_all(fd, bufs, offset)
-        return
+def pwritev_all(fd: int, bufs: list[Any], offset: int) -> None:
+    """Write buffers that follow one another from offset, in one call when it can, and in
+    calls that never cover a whole 2 MiB-aligned range of the file: a write that would is
+    cut a page before the range's end. The kernel sizes a fresh page-cache folio by the
+    call's remaining length and its alignment, and such a call gets a 2 MiB folio, carved
+    from the high-order free blocks that a VM with free page reporting (virtio-balloon,
+    Firecracker) hands back to its host; copying into it then faults every page in on the
+    host. Measured on the bench disk: qcow2->raw 0.40-2.15 s (median 1.65) with whole
+    aligned writes, 0.46-0.92 s (median 0.50) cut, qemu-img 0.41-0.69 s (median 0.49);
+    qcow2->vhdx median 1.5 s against 0.49. Writes that start off a boundary (qcow2's
+    clusters after its metadata) stay whole. On bare metal the cut costs a system call
+    per 2 MiB."""
     views = [memoryview(b).cast("B") for b in bufs]
-    pos, part = offset, []
-    for cut in [*cuts, end]:
+    end = offset + sum(len(v) for v in views)
+    first = -(-offset // PMD_SIZE) * PMD_SIZE  # the first boundary at or after offset
+    start = pos = offset
+    for cut in [*range(first + PMD_SIZE - _PAGE, end - _PAGE + 1, PMD_SIZE), end]:
+        part = []
         while pos < cut:
             take = min(len(views[0]), cut - pos)
             part.append(views[0][:take])
@@ -124,8 +111,24 @@ def pwritev_small_folios(fd: int, bufs: list[Any], offset: int) -> None:
             if not len(views[0]):
                 views.pop(0)
             pos += take
-        pwritev_all(fd, part, cut - sum(len(x) for x in part))
-        part = []
+        if part:
+            _write_run(fd, part, start)
+        start = cut
+
+
+def _write_run(fd: int, views: list[memoryview], offset: int) -> None:
+    """One pwritev of buffers that follow one another; a short write finished piece by
+    piece."""
+    if len(views) == 1:
+        _pwrite_loop(views[0], fd, offset)
+        return
+    written = os.pwritev(fd, views, offset)
+    pos = offset
+    for v in views:
+        if pos + len(v) > offset + written:
+            skip = max(0, offset + written - pos)
+            _pwrite_loop(v[skip:], fd, pos + skip)
+        pos += len(v)
 
 
 def write_segments(fd: int, segments: Sequence[tuple[int, Any]]) -> None:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import formats.fileio as fileio
-from formats.fileio import PMD_SIZE, preallocate, pwritev_small_folios, write_file_atomic
+from formats.fileio import PMD_SIZE, preallocate, pwrite_all, pwritev_all, write_file_atomic
 
 
 def test_write_file_atomic_replaces_and_leaves_no_partial(tmp_path):
@@ -79,25 +79,29 @@ lengths = st.one_of(
 
 @settings(max_examples=60, deadline=None)
 @given(near_boundaries, st.lists(lengths, min_size=1, max_size=3))
-def test_small_folio_writes_land_whole_and_never_cover_an_aligned_2mib_range(
+def test_writes_land_whole_and_no_call_covers_an_aligned_2mib_range(
     tmp_path_factory, offset, sizes
 ):
+    # pwrite_all for one buffer, pwritev_all for several: every write of every format
     path = tmp_path_factory.mktemp("w") / "f"
     calls: list[tuple[int, int]] = []
-    real = fileio.pwritev_all
+    real = fileio._write_run
 
-    def spy(fd: int, bufs: list, at: int) -> None:
-        calls.append((at, sum(len(b) for b in bufs)))
-        real(fd, bufs, at)
+    def spy(fd: int, views: list, at: int) -> None:
+        calls.append((at, sum(len(v) for v in views)))
+        real(fd, views, at)
 
     bufs = [os.urandom(n) for n in sizes]
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     try:
-        fileio.pwritev_all, saved = spy, fileio.pwritev_all
+        fileio._write_run = spy
         try:
-            pwritev_small_folios(fd, bufs, offset)
+            if len(bufs) == 1:
+                pwrite_all(fd, bufs[0], offset)
+            else:
+                pwritev_all(fd, bufs, offset)
         finally:
-            fileio.pwritev_all = saved
+            fileio._write_run = real
         data = b"".join(bufs)
         assert os.pread(fd, len(data), offset) == data
     finally:
