@@ -1,6 +1,7 @@
 """The conversion engine: one pipeline for local images, remote disks and partitions.
 
     source.extents() -> chunks (aligned to the target's clusters) -> read on a pool
+    (or viewed where they lie: a raw file's lease-guarded mapping, formats/mapped.py)
     -> zero detection per cluster or zero grain (numpy) -> target.encode() on the pool
     (compression) -> target.write_encoded() on this thread, which plans the metadata
     -> the data pwrites, deferred to one writer thread (preallocated when large)
@@ -30,6 +31,7 @@ from .errors import FormatError
 from .extents import Extent, Kind, coalesce, from_ranges, intersect_data, overlay, union_data
 from .fileio import contiguous, preallocate, punch_hole, pwritev_all, start_writeback
 from .image import Image, PendingWrite
+from .mapped import MappedFile
 from .zeros import differ_mask, mask_runs, nonzero_mask
 
 #: bytes read per task, as qemu-img's requests (writes never cover whole 2 MiB-aligned
@@ -51,6 +53,8 @@ class ConvertStats:
     bytes_written: int = 0
     bytes_zero_written: int = 0
     bytes_skipped: int = 0
+    #: read through a mapping of the source (formats/mapped.py) instead of a buffer
+    bytes_mapped: int = 0
     seconds: float = 0.0
     output: str | None = None
     output_format: str | None = None
@@ -66,6 +70,7 @@ class _Piece:
     zero_runs: list[tuple[int, int]] = field(default_factory=list)
     read: int = 0
     buffers: list[mmap.mmap] = field(default_factory=list)
+    mapped: bool = False  # the data is a view of the source's mapping, given back once written
 
 
 class _BufferPool:
@@ -155,6 +160,7 @@ class _Engine:
         self.writes: collections.deque[cf.Future[None]] = collections.deque()
         self.unsynced: dict[int, int] = {}
         self.data_writer = _DataWriter(dst)
+        self.views: MappedFile | None = None
 
     @functools.cached_property
     def zgrain(self) -> int:
@@ -175,9 +181,11 @@ class _Engine:
     def _work(self, rng: Extent) -> _Piece:
         n = rng.length
         piece = _Piece(rng.start, n, read=n)
-        mv = self._buffer(piece, n)
         zg = self.zgrain
-        self.src.readinto(rng.start, mv[:n])
+        mv = self._view(piece) if n % zg == 0 else None
+        if mv is None:
+            mv = self._buffer(piece, n)
+            self.src.readinto(rng.start, mv[:n])
         if self.backing is not None:
             base = self._buffer(piece, n)
             bn = max(0, min(n, self.backing.size - rng.start))
@@ -197,6 +205,14 @@ class _Engine:
             data = mv[s - rng.start : e - rng.start]
             piece.runs.append((s, self.dst.encode(s, data), e - s))
         return piece
+
+    def _view(self, piece: _Piece) -> memoryview | None:
+        """The chunk's bytes straight from the source's mapping, when it has one."""
+        if self.views is None:
+            return None
+        mv = self.views.view(piece.offset, piece.length)
+        piece.mapped = mv is not None
+        return mv
 
     def _span(self, rng: Extent, first: int, count: int) -> tuple[int, int]:
         zg = self.zgrain
@@ -225,6 +241,8 @@ class _Engine:
                 self.stats.bytes_written += n
             piece.runs.clear()
         self.stats.bytes_read += piece.read
+        if piece.mapped:
+            self.stats.bytes_mapped += piece.read
         return pending
 
     def _issue(self, pending: list[PendingWrite], piece: _Piece) -> None:
@@ -247,6 +265,9 @@ class _Engine:
         for buf in piece.buffers:
             self.buffers.put(buf)
         piece.buffers.clear()
+        if piece.mapped and self.views is not None:
+            self.views.unview(piece.offset)
+            piece.mapped = False
 
     def _reap_writes(self, keep: int) -> None:
         """Wait until at most `keep` data writes are in flight; their errors surface here."""
@@ -266,6 +287,7 @@ class _Engine:
         # data writes go out on one thread of their own: parallel writers to one file
         # only contend for its inode lock
         with (
+            self.src.mapped() as self.views,
             cf.ThreadPoolExecutor(self.workers, thread_name_prefix="p2v-convert") as pool,
             cf.ThreadPoolExecutor(1, thread_name_prefix="p2v-write") as writer,
         ):

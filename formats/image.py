@@ -11,11 +11,14 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import FormatError
 from .extents import Extent, Kind, coalesce
 from .fileio import pwrite_all
+
+if TYPE_CHECKING:
+    from .mapped import MappedFile
 
 ZERO_CHUNK = bytes(8 << 20)
 
@@ -92,6 +95,11 @@ class Image:
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
         raise NotImplementedError
+
+    def mapped(self) -> contextlib.AbstractContextManager[MappedFile | None]:
+        """For the with-block, the image's bytes as a lease-guarded mapping of its file
+        (formats/mapped.py), where the file is the disk byte for byte; else None."""
+        return contextlib.nullcontext()
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
         """Coalesced DATA/ZERO extents covering [start, end) completely."""

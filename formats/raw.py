@@ -3,6 +3,7 @@ on reading and punched (or left untouched in a fresh file) on writing."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -14,6 +15,7 @@ from .errors import FormatError
 from .extents import Extent, Kind
 from .fileio import preadinto, punch_hole
 from .image import Image
+from .mapped import MappedFile, mapped
 
 FORMAT = "raw"
 
@@ -33,6 +35,11 @@ class RawImage(Image):
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
         preadinto(self.fd, buf, offset)
+
+    def mapped(self) -> contextlib.AbstractContextManager[MappedFile | None]:
+        if self.writable:  # a lease needs the file open read-only
+            return contextlib.nullcontext()
+        return mapped(self.fd, self.path)
 
     def _extents(self, start: int, end: int) -> Iterator[Extent]:
         if self.is_block_device:

@@ -337,7 +337,12 @@ def test_fresh_dynamic_vhdx_is_preallocated_ahead_and_keeps_its_holes(
             assert len(preallocations) <= 3  # 9 MiB of data in 2 MiB writes
         qemu_img("compare", "-f", "raw", "-F", "vhdx", src, outs[ahead])
         assert "No errors" in qemu_img("check", outs[ahead]).stdout
-    assert os.stat(outs[True]).st_blocks == os.stat(outs[False]).st_blocks
+    # the same holes, and the same blocks give or take ext4's extent tree blocks, whose
+    # number varies with how fragmented the allocator left each file while other tests
+    # wrote alongside (4 KiB apart in one loaded run); an unpunched step would be MiBs
+    assert _data_map(outs[True]) == _data_map(outs[False])
+    blocks = [os.stat(outs[ahead]).st_blocks * 512 for ahead in (True, False)]
+    assert abs(blocks[0] - blocks[1]) <= 64 << 10
     assert os.stat(outs[True]).st_blocks * 512 < 16 * MiB  # the zeros and the gap are holes
 
 
