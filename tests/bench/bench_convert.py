@@ -65,7 +65,7 @@ _SCRIPT = os.path.join(os.path.dirname(sys.executable), "p2v")
 P2V = [_SCRIPT] if os.access(_SCRIPT, os.X_OK) else [sys.executable, "-m", "p2v"]
 
 #: cases whose p2v run takes less than SHORT seconds are run at least SHORT_REPEAT times
-SHORT, SHORT_REPEAT = 3.0, 15
+SHORT, SHORT_REPEAT = 3.0, 31
 
 
 def ensure_inputs() -> None:
@@ -134,8 +134,10 @@ def run_case(name: str, repeat: int) -> dict:
                 verify(src, out)
             walls.setdefault(label, []).append(wall)
             rss[label] = max(rss.get(label, 0.0), peak)
-        if i == 0 and walls["p2v"][0] < SHORT:
-            repeat = max(repeat, SHORT_REPEAT)  # sub-second runs: the VM's noise needs more tries
+        if i == 0 and min(w[0] for w in walls.values()) < SHORT:
+            # sub-second runs: the VM's noise needs more tries (judged by the quicker tool:
+            # a first run caught in the VM's slow mode must not decide it)
+            repeat = max(repeat, SHORT_REPEAT)
         i += 1
     drop(out)
 

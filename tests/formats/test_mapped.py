@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -72,6 +74,30 @@ def test_no_mapping_off_the_main_thread(tmp_path):
     t.join()
     assert got and got[0].bytes_mapped == 0
     assert qemu_img("compare", src, str(tmp_path / "out.qcow2")).returncode == 0
+
+
+def test_no_mapping_for_a_reader_who_may_not_lease_the_file(tmp_path):
+    # a lease needs the file's owner (or CAP_LEASE): another user reading a root-owned
+    # image converts it the ordinary way
+    work = tempfile.mkdtemp(dir="/var/tmp")
+    try:
+        os.chmod(work, 0o777)
+        src = make_source(os.path.join(work, "src.raw"), 8 * MiB)
+        os.chmod(src, 0o644)
+        out = os.path.join(work, "out.qcow2")
+        child = subprocess.run(
+            [sys.executable, "-c", CHILD, src, out, str(16 * MiB)],
+            capture_output=True,
+            cwd=ROOT,
+            user=65534,
+            group=65534,
+        )
+        assert child.returncode == 0, child.stderr
+        mapped_bytes, read, _ = map(int, child.stdout.split())
+        assert mapped_bytes == 0 and read > 0
+        assert qemu_img("compare", src, out).returncode == 0
+    finally:
+        shutil.rmtree(work)
 
 
 def _lease(fd):
