@@ -218,9 +218,10 @@ def main() -> None:
     body = (
         "4 GiB GPT disk (FAT 256 MiB + ext4 with ~1.2 GiB of libraries, text and 300 MiB "
         f"random), page cache warm, at least {args.repeat} alternating runs of each tool "
-        f"(at least {SHORT_REPEAT} when p2v takes under {SHORT:.0f} s), `sync` before each; "
+        f"(at least {SHORT_REPEAT} when a first run takes under {SHORT:.0f} s), `sync` before each; "
         "best and median wall time. Ratio = p2v time / qemu-img time; peak RSS per process "
-        "(GNU time). Same durability on both sides: `-t unsafe` for p2v is what qemu-img "
+        "(GNU time; with a raw source, p2v's counts up to 64 MiB of the source's page cache, "
+        "which it reads through a mapping: docs/engine.md). Same durability on both sides: `-t unsafe` for p2v is what qemu-img "
         "convert does by default (no fsync, the kernel writes the data back later); in the "
         "`durable` rows both fsync the output before exiting (p2v's default, qemu-img's "
         "`-t writeback`). Python's bytecode is compiled first, as an installed package has "
