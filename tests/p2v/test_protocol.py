@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import struct
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from p2v import agent, protocol
 
 SHARED = [
@@ -65,3 +68,35 @@ def test_agent_command_carries_no_secret_and_reads_exact_length():
     assert cmd.startswith("sudo -n -- python3 -c ")
     assert "read(12345)" in cmd
     assert "password" not in cmd.lower()
+
+
+class _Pieces:
+    """A stream that hands out `data` in the given piece sizes (as SSH packets arrive)."""
+
+    def __init__(self, data: bytes, sizes: list[int]) -> None:
+        self.data, self.sizes, self.pos = data, sizes, 0
+
+    def recv(self, n: int) -> bytes:
+        size = self.sizes.pop(0) if self.sizes else n
+        out = self.data[self.pos : self.pos + min(n, size)]
+        self.pos += len(out)
+        return out
+
+
+@given(
+    frames=st.lists(st.integers(0, 3000), max_size=12),
+    sizes=st.lists(st.integers(1, 5000), max_size=40),
+    cut=st.integers(0, 100),
+)
+def test_the_receiver_returns_each_frame_whole_whatever_the_pieces(frames, sizes, cut):
+    data = bytes(i % 251 for i in range(sum(frames)))
+    stream = data[: max(0, len(data) - cut)]  # the stream may end inside the last frame
+    rx = protocol._Receiver(_Pieces(stream, sizes))
+    pos = 0
+    for n in frames:
+        got = rx.read_exact(n)
+        if pos + n > len(stream):
+            assert got is None
+            return
+        assert got is not None and bytes(got) == data[pos : pos + n]
+        pos += n
