@@ -30,6 +30,7 @@ raises SIGBUS, which kills the process where `pread` would have returned an erro
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -40,12 +41,23 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 #: madvise(2) advice missing from Python 3.11's mmap module
 MADV_POPULATE_READ = 22
 #: views the engine is done with are dropped from the page tables this much at a time
 DROP_BATCH = 64 << 20
 
 _PAGE = mmap.PAGESIZE
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def _address(mm: mmap.mmap) -> int:
+    """Where a read-only mapping starts (ctypes will not take a read-only buffer; numpy
+    will, and lets go of it at once)."""
+    return int(np.frombuffer(mm, dtype=np.uint8, count=0).ctypes.data)
 
 
 class MappedFile:
@@ -56,6 +68,7 @@ class MappedFile:
         self.size = size
         self.path = path
         self._mm = mm
+        self._base = _address(mm)
         self._lock = threading.Lock()
         self._active: dict[int, int] = {}  # start -> end of each view handed out
         self._done: list[tuple[int, int]] = []  # views given back, not yet dropped
@@ -74,15 +87,14 @@ class MappedFile:
                 return None
             self._active[offset] = offset + n
         start = offset - offset % _PAGE
-        try:
-            self._mm.madvise(MADV_POPULATE_READ, start, offset + n - start)
-        except OSError as exc:
+        # through ctypes, which lets go of the GIL: populating may read from the disk,
+        # and mmap.madvise would hold every other thread of the copy meanwhile
+        if _libc.madvise(self._base + start, offset + n - start, MADV_POPULATE_READ):
+            err = ctypes.get_errno() or errno.EIO
             self.unview(offset)
             raise OSError(
-                exc.errno or errno.EIO,
-                f"cannot read {n} bytes at {offset:#x}: {os.strerror(exc.errno or errno.EIO)}",
-                self.path,
-            ) from None
+                err, f"cannot read {n} bytes at {offset:#x}: {os.strerror(err)}", self.path
+            )
         return memoryview(self._mm)[offset : offset + n]
 
     def unview(self, offset: int) -> None:
