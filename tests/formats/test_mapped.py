@@ -131,18 +131,28 @@ def test_a_revoked_mapping_gives_its_lease_back_once_its_views_are_done(tmp_path
 
 CHILD = textwrap.dedent(
     """
-    import os, sys
+    import fcntl, os, sys, time
     import formats
     from formats.convert import convert
 
     said = []
 
-    def progress(done, total):
-        if not said and done >= int(sys.argv[3]):
+    with formats.open(sys.argv[1]) as img:
+
+        def progress(done, total):
+            if said or done < int(sys.argv[3]):
+                return
             said.append(1)
             os.write(1, b"copying\\n")
+            # hold the copy until the kernel starts breaking our lease (the parent's
+            # truncate has begun), so that it cannot end first; the main thread sleeps
+            # here, free to take the SIGIO
+            deadline = time.monotonic() + 30
+            while fcntl.fcntl(img.fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
 
-    with formats.open(sys.argv[1]) as img:
         stats = convert(img, sys.argv[2], "qcow2", durable=False, progress=progress)
     # VmHWM, not ru_maxrss: that counts the parent's pages too when we were vforked
     with open("/proc/self/status") as f:
