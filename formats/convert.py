@@ -182,7 +182,7 @@ class _Engine:
         n = rng.length
         piece = _Piece(rng.start, n, read=n)
         zg = self.zgrain
-        mv = self._view(piece) if n % zg == 0 else None
+        mv = self._view(piece)
         if mv is None:
             mv = self._buffer(piece, n)
             self.src.readinto(rng.start, mv[:n])
@@ -207,8 +207,9 @@ class _Engine:
         return piece
 
     def _view(self, piece: _Piece) -> memoryview | None:
-        """The chunk's bytes straight from the source's mapping, when it has one."""
-        if self.views is None:
+        """The chunk's bytes straight from the source's mapping, when it has one and the
+        chunk ends on a zero grain (a short last chunk is read into a padded buffer)."""
+        if self.views is None or piece.length % self.zgrain:
             return None
         mv = self.views.view(piece.offset, piece.length)
         piece.mapped = mv is not None

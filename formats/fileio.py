@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import mmap
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -20,6 +21,17 @@ _SYNC_FILE_RANGE_WRITE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+PAGE = mmap.PAGESIZE
+
+
+def madvise(address: int, length: int, advice: int) -> None:
+    """madvise(2) through ctypes, which lets go of the GIL (mmap.madvise holds it, and
+    some advice reads from the disk); OSError on failure."""
+    if _libc.madvise(address, length, advice):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def start_writeback(fd: int) -> None:
@@ -83,7 +95,6 @@ def contiguous(segments: Sequence[tuple[int, Any]]) -> Iterator[tuple[int, list[
 
 #: the largest page-cache folio the kernel gives a file on x86-64 (a PMD)
 PMD_SIZE = 2 << 20
-_PAGE = 4096
 
 
 def pwritev_all(fd: int, bufs: list[Any], offset: int) -> None:
@@ -102,14 +113,14 @@ def pwritev_all(fd: int, bufs: list[Any], offset: int) -> None:
     end = offset + sum(len(v) for v in views)
     first = -(-offset // PMD_SIZE) * PMD_SIZE  # the first boundary at or after offset
     start = pos = offset
-    for cut in [*range(first + PMD_SIZE - _PAGE, end - _PAGE + 1, PMD_SIZE), end]:
+    k = 0  # the view being written; views[k] is what is left of it
+    for cut in [*range(first + PMD_SIZE - PAGE, end - PAGE + 1, PMD_SIZE), end]:
         part = []
         while pos < cut:
-            take = min(len(views[0]), cut - pos)
-            part.append(views[0][:take])
-            views[0] = views[0][take:]
-            if not len(views[0]):
-                views.pop(0)
+            take = min(len(views[k]), cut - pos)
+            part.append(views[k][:take])
+            views[k] = views[k][take:]
+            k += not len(views[k])
             pos += take
         if part:
             _write_run(fd, part, start)

@@ -30,8 +30,6 @@ raises SIGBUS, which kills the process where `pread` would have returned an erro
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import fcntl
 import mmap
 import os
@@ -43,15 +41,12 @@ from typing import Any
 
 import numpy as np
 
+from .fileio import PAGE, madvise
+
 #: madvise(2) advice missing from Python 3.11's mmap module
 MADV_POPULATE_READ = 22
 #: views the engine is done with are dropped from the page tables this much at a time
 DROP_BATCH = 64 << 20
-
-_PAGE = mmap.PAGESIZE
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def _address(mm: mmap.mmap) -> int:
@@ -86,15 +81,13 @@ class MappedFile:
                 self._give_back_lease()
                 return None
             self._active[offset] = offset + n
-        start = offset - offset % _PAGE
-        # through ctypes, which lets go of the GIL: populating may read from the disk,
-        # and mmap.madvise would hold every other thread of the copy meanwhile
-        if _libc.madvise(self._base + start, offset + n - start, MADV_POPULATE_READ):
-            err = ctypes.get_errno() or errno.EIO
+        start = offset - offset % PAGE
+        try:  # without the GIL: populating may read from the disk
+            madvise(self._base + start, offset + n - start, MADV_POPULATE_READ)
+        except OSError as exc:
             self.unview(offset)
-            raise OSError(
-                err, f"cannot read {n} bytes at {offset:#x}: {os.strerror(err)}", self.path
-            )
+            why = f"cannot read {n} bytes at {offset:#x}: {exc.strerror}"
+            raise OSError(exc.errno, why, self.path) from None
         return memoryview(self._mm)[offset : offset + n]
 
     def unview(self, offset: int) -> None:
@@ -131,9 +124,9 @@ class MappedFile:
         # use lies inside it (chunks go back in order on a plain copy), else one per view
         lo = min(s for s, _ in self._done)
         hi = max(e for _, e in self._done)
-        lo -= lo % _PAGE
+        lo -= lo % PAGE
         if any(s < hi and e > lo for s, e in self._active.items()):
-            spans = [(s - s % _PAGE, e) for s, e in self._done]
+            spans = [(s - s % PAGE, e) for s, e in self._done]
         else:
             spans = [(lo, hi)]
         for s, e in spans:
@@ -182,19 +175,20 @@ def _map(fd: int, path: str | None) -> MappedFile | None:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
     except OSError:  # EAGAIN: open for writing somewhere; EACCES, EINVAL: no leases here
         return None
-    m = None
     try:
         size = os.fstat(fd).st_size  # what the lease now protects
         mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-        m = MappedFile(fd, size, mm, path)
-        mm.madvise(MADV_POPULATE_READ, 0, min(size, _PAGE))  # EINVAL before Linux 5.14
-        return m
-    except (OSError, ValueError, OverflowError):
-        if m is not None:
-            m.close()
+    except (OSError, ValueError, OverflowError):  # no address space for it, say
         with contextlib.suppress(OSError):
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
         return None
+    m = MappedFile(fd, size, mm, path)
+    try:
+        madvise(m._base, min(size, PAGE), MADV_POPULATE_READ)
+    except OSError:  # EINVAL before Linux 5.14: read errors would be signals
+        m.close()  # gives the lease back
+        return None
+    return m
 
 
 #: mappings alive now, revoked together on SIGIO (the signal does not say which file)

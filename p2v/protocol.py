@@ -140,7 +140,7 @@ class ReadResult:
     length: int
     digest: bytes
     flags: int
-    payload: bytes | memoryview  # a view of what the stream received
+    payload: Payload  # a view of what the stream received
 
     @property
     def is_zero(self) -> bool:
@@ -157,7 +157,7 @@ class ReadResult:
         buf[:] = data
 
 
-def _inflate(payload: bytes | memoryview, length: int) -> bytes:
+def _inflate(payload: Payload, length: int) -> bytes:
     """A READ's zlib payload, which must decode to `length` bytes: a corrupt stream is an
     AgentError, and a bomb never makes more than length + 1 bytes (found by fuzzing)."""
     z = zlib.decompressobj()
@@ -222,14 +222,14 @@ class _Receiver:
     def read_exact(self, n: int) -> bytes | memoryview | None:
         """n bytes, or None if the stream ends first. A memoryview when they lie in one
         received piece (it keeps that piece alive: decoders copy what they keep)."""
+        if n == 0:
+            return b""
         while self.have < n:
             chunk = self.stream.recv(max(RECV_SIZE, n - self.have))
             if not chunk:
                 return None
             self.chunks.append(memoryview(chunk))
             self.have += len(chunk)
-        if n == 0:
-            return b""
         self.have -= n
         first = self.chunks[0]
         if len(first) >= n:
