@@ -101,6 +101,7 @@ class CloneOptions:
     snapshot: bool = False  # clone LVM volumes from a snapshot when there is room
     workers: int = DEFAULT_WORKERS
     python: str = "python3"
+    max_bandwidth: float | None = None  # bytes/s taken off the link (None: all it gives)
 
 
 @dataclass
@@ -140,6 +141,7 @@ class SyncOptions:
     compress: bool = True
     python: str = "python3"
     disks: list[str] | None = None
+    max_bandwidth: float | None = None
 
 
 @dataclass
@@ -514,11 +516,13 @@ def verify_image(
 
 
 @contextlib.contextmanager
-def _agent(options: ConnectOptions, python: str) -> Iterator[AgentConnection]:
+def _agent(
+    options: ConnectOptions, python: str, max_bandwidth: float | None = None
+) -> Iterator[AgentConnection]:
     session = connect(options)
     try:
         try:
-            conn = start_agent(session, python=python)
+            conn = start_agent(session, python=python, max_bandwidth=max_bandwidth)
         except AgentError as exc:
             if options.sudo and "sudo:" in str(exc):
                 # `sudo -n` never prompts: say which rule is missing rather than leave
@@ -581,7 +585,7 @@ def clone(
         )
     if state is None:
         state = {"version": 1, "host": host, "disks": []}
-    with _agent(options, opts.python) as conn:
+    with _agent(options, opts.python, opts.max_bandwidth) as conn:
         inv = conn.call(protocol.OP_INVENTORY)
         sources = _choose_disks(inv, opts.disks)
         results: list[DiskResult] = []
@@ -846,7 +850,7 @@ def sync(
             f"the clone of {', '.join(unfinished)} is unfinished; run `p2v clone` again first"
         )
     results = []
-    with _agent(options, opts.python) as conn:
+    with _agent(options, opts.python, opts.max_bandwidth) as conn:
         for entry in entries:
             results.append(_sync_disk(conn, outdir, entry, opts, progress_factory))
     return SyncResult(host=host, outdir=outdir, disks=results, seconds=time.monotonic() - t0)

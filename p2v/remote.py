@@ -23,6 +23,7 @@ from formats.errors import FormatError
 from formats.image import Image
 
 from . import protocol
+from .bandwidth import ThrottledStream, TokenBucket
 from .protocol import AgentConnection, AgentError
 from .ssh import Session
 
@@ -182,9 +183,14 @@ class RemoteDisk(Image):
                 pass
 
 
-def start_agent(session: Session, *, python: str = "python3") -> AgentConnection:
-    """Start the imaging agent on the server behind `session` (through sudo if asked)."""
+def start_agent(
+    session: Session, *, python: str = "python3", max_bandwidth: float | None = None
+) -> AgentConnection:
+    """Start the imaging agent on the server behind `session` (through sudo if asked),
+    taking at most `max_bandwidth` bytes a second off the channel."""
     source = protocol.agent_source()
     command = protocol.agent_command(len(source), python=python, sudo=session.options.sudo)
     stream = session.open_exec_channel(command)
+    if max_bandwidth:
+        stream = ThrottledStream(stream, TokenBucket(max_bandwidth))
     return protocol.start_agent(stream, name=f"agent on {session.name}")

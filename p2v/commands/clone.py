@@ -44,6 +44,21 @@ def _ssh_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--python", default="python3", help="the server's Python (default python3)")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--max-bandwidth",
+        metavar="RATE",
+        type=_rate,
+        help="take at most RATE bytes/s off the link (40M, 1.5G, 512Ki; default: no cap)",
+    )
+
+
+def _rate(text: str) -> float:
+    from p2v.bandwidth import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -188,6 +203,7 @@ def cmd_clone(args: argparse.Namespace) -> int:
         snapshot=args.snapshot,
         workers=args.workers,
         python=args.python,
+        max_bandwidth=args.max_bandwidth,
     )
     bars = _bars(not args.no_progress and sys.stderr.isatty())
     res = cloning.clone(_connect_options(args), args.outdir, opts, progress_factory=bars)
@@ -215,7 +231,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from p2v import clone as cloning
 
     opts = cloning.SyncOptions(
-        compress=args.compress == "zlib", python=args.python, disks=args.disks
+        compress=args.compress == "zlib",
+        python=args.python,
+        disks=args.disks,
+        max_bandwidth=args.max_bandwidth,
     )
     bars = _bars(not args.no_progress and sys.stderr.isatty())
     res = cloning.sync(_connect_options(args), args.outdir, opts, progress_factory=bars)
