@@ -30,6 +30,11 @@ $(BIN)/.installed: pyproject.toml Makefile
 	# start); setuptools calls that mode transitional, so fall back to the default
 	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat \
 	  || $(BIN)/pip install -q -e '.[test]'
+	# libguestfs's Python binding comes from Debian (python3-guestfs), not PyPI: the venv
+	# sees that one module through a directory of links, not all of dist-packages
+	mkdir -p $(VENV)/system-guestfs
+	ln -sf /usr/lib/python3/dist-packages/guestfs.py /usr/lib/python3/dist-packages/libguestfsmod.*.so $(VENV)/system-guestfs/
+	echo "$(abspath $(VENV))/system-guestfs" > $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/system-guestfs.pth
 	touch $@
 
 python-deps: $(BIN)/.installed

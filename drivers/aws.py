@@ -28,6 +28,13 @@ class Aws(Platform):
     secure_boot = False
     default_network = "default"
 
+    # Nitro instances: EBS volumes are NVMe, the NIC is ENA at PCI 00:05.0 (ens5, ens6...)
+    nic_drivers = {"e1000": ("ena",)}
+    keeps_macs = False
+
+    def interface_names(self, spec: MachineSpec) -> tuple[str, ...]:
+        return tuple(f"ens{5 + i}" for i in range(len(spec.nics)))
+
     def definition_path(self, spec: MachineSpec, outdir: str) -> str:
         return os.path.join(outdir, f"{self.stem(spec)}.aws-containers.json")
 

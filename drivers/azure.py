@@ -42,6 +42,13 @@ class Azure(Platform):
             )
         return self.disk
 
+    # Hyper-V underneath: VMBus disks and NICs (eth0...); Azure assigns the MACs
+    disk_drivers = {"scsi": ("hv_vmbus", "hv_storvsc")}
+    keeps_macs = False
+
+    def interface_names(self, spec: MachineSpec) -> tuple[str, ...]:
+        return tuple(f"eth{i}" for i in range(len(spec.nics)))
+
     def definition_path(self, spec: MachineSpec, outdir: str) -> str:
         return os.path.join(outdir, f"{self.stem(spec)}.azure.sh")
 

@@ -69,6 +69,13 @@ class Hyperv(Platform):
                     d.bus = "scsi"
         return out
 
+    # Generation 2 SCSI disks and synthetic NICs are VMBus devices: no PCI path, so the
+    # NICs keep the kernel's names
+    disk_drivers = {"scsi": ("hv_vmbus", "hv_storvsc")}
+
+    def interface_names(self, spec: MachineSpec) -> tuple[str, ...]:
+        return tuple(f"eth{i}" for i in range(len(spec.nics)))
+
     def preferred_bus(self, spec: MachineSpec) -> str:
         return "scsi"
 

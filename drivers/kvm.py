@@ -98,6 +98,10 @@ class Kvm(Platform):
     def definition_path(self, spec: MachineSpec, outdir: str) -> str:
         return os.path.join(outdir, f"{self.stem(spec)}.xml")
 
+    def interface_names(self, spec: MachineSpec) -> tuple[str, ...]:
+        machine = machine_type(spec)
+        return tuple(interface_name(machine, i) for i in range(len(spec.nics)))
+
     def render(self, spec: MachineSpec, outdir: str) -> bytes:
         return domain_xml(spec, outdir)
 
@@ -127,9 +131,36 @@ class Kvm(Platform):
         return out
 
 
+def machine_type(spec: MachineSpec) -> str:
+    return "pc" if any(d.bus == "ide" for d in spec.disks) else "q35"
+
+
+#: pc (i440fx): the host bridge, PIIX3 and the video card hold slots 0-2
+_PC_FIRST_NIC_SLOT = 3
+
+
+def nic_address(machine: str, index: int) -> tuple[int, int]:
+    """The PCI (bus, slot) of NIC `index`, which the definition writes and which decides
+    the guest's interface name (interface_name): on q35 each NIC has its own
+    pcie-root-port, whose index is its bus number; on pc they share bus 0 from slot 3."""
+    if machine == "q35":
+        return index + 1, 0
+    slot = _PC_FIRST_NIC_SLOT + index
+    if slot > 31:
+        raise DriverError(f"kvm: NIC {index + 1} does not fit on the pc machine's PCI bus")
+    return 0, slot
+
+
+def interface_name(machine: str, index: int) -> str:
+    """systemd's predictable name for NIC `index`: enp<bus>s<slot> behind a q35 root port
+    (enp1s0, as virt-install's guests have), ens<slot> for pc's hotplug slots (ens3)."""
+    bus, slot = nic_address(machine, index)
+    return f"enp{bus}s{slot}" if machine == "q35" else f"ens{slot}"
+
+
 def domain_xml(spec: MachineSpec, outdir: str) -> bytes:
     """The libvirt domain for `spec`; disk paths are made absolute against `outdir`."""
-    machine = "pc" if any(d.bus == "ide" for d in spec.disks) else "q35"
+    machine = machine_type(spec)
     dom = ET.Element("domain", type="kvm")
     ET.SubElement(dom, "name").text = spec.name
     meta = ET.SubElement(dom, "metadata")
@@ -175,12 +206,21 @@ def domain_xml(spec: MachineSpec, outdir: str) -> bytes:
         ET.SubElement(disk, "target", dev=_dev_name(prefix, index), bus=bus)
     if any(d.bus == "scsi" for d in spec.disks):
         ET.SubElement(devices, "controller", type="scsi", index="0", model="virtio-scsi")
-    for n in spec.nics:
+    if machine == "q35":
+        for i in range(len(spec.nics)):
+            bus, _ = nic_address(machine, i)
+            ET.SubElement(devices, "controller", type="pci", index=str(bus), model="pcie-root-port")
+    for i, n in enumerate(spec.nics):
         iface = ET.SubElement(devices, "interface", type="network")
         if n.mac:
             ET.SubElement(iface, "mac", address=n.mac)
         ET.SubElement(iface, "source", network=n.network or Kvm.default_network)
         ET.SubElement(iface, "model", type=_LIBVIRT_NIC.get(n.model or "virtio", "virtio"))
+        bus, slot = nic_address(machine, i)
+        ET.SubElement(
+            iface, "address", type="pci", domain="0x0000", bus=f"0x{bus:02x}",
+            slot=f"0x{slot:02x}", function="0x0",
+        )  # fmt: skip
     ET.SubElement(devices, "serial", type="pty")
     ET.SubElement(devices, "console", type="pty")
     ET.SubElement(devices, "graphics", type="vnc", port="-1", autoport="yes")

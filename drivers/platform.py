@@ -51,6 +51,44 @@ class DiskTarget:
         return -(-size // self.align) * self.align
 
 
+#: the Linux module that drives each disk bus and NIC model where every platform means the
+#: same device by it; a platform overrides the ones it means differently (its "scsi")
+LINUX_DISK_DRIVERS = {
+    "virtio": ("virtio_pci", "virtio_blk"),
+    "sata": ("ahci",),
+    "ide": ("ata_piix",),
+    "nvme": ("nvme",),
+    "scsi": ("virtio_pci", "virtio_scsi"),
+}
+LINUX_NIC_DRIVERS = {
+    "virtio": ("virtio_pci", "virtio_net"),
+    "e1000": ("e1000",),
+    "e1000e": ("e1000e",),
+    "rtl8139": ("8139cp",),
+    "pcnet": ("pcnet32",),
+    "vmxnet3": ("vmxnet3",),
+    "netvsc": ("hv_vmbus", "hv_netvsc"),
+    "xen": ("xen_netfront",),
+}
+
+
+@dataclass(frozen=True)
+class GuestHardware:
+    """What a guest meets on a platform, as drivers/guest converts it: the Linux drivers
+    its disks and NICs need at boot, the name each NIC gets (in the definition's NIC order;
+    the platform's slot placement decides it), and whether the definition's MACs are the
+    ones the guest will see."""
+
+    disk_drivers: tuple[str, ...]
+    nic_drivers: tuple[str, ...]
+    interface_names: tuple[str, ...]
+    keeps_macs: bool = True
+
+
+def _unique(names: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
+
+
 @dataclass
 class Adapted:
     """A spec made to fit a platform, and what had to change."""
@@ -194,6 +232,27 @@ class Platform:
     def checklist(self, source: MachineSpec, target: MachineSpec) -> list[str]:
         """What the guest needs before it boots here."""
         return []
+
+    # -- the guest's view (drivers/guest converts for it) ---------------------------------
+    disk_drivers: dict[str, tuple[str, ...]] = {}
+    nic_drivers: dict[str, tuple[str, ...]] = {}
+    keeps_macs = True
+
+    def interface_names(self, spec: MachineSpec) -> tuple[str, ...]:
+        """The name each NIC of `spec` gets in a Linux guest (systemd's predictable names:
+        the slot the definition places it in), in NIC order."""
+        raise NotImplementedError
+
+    def guest_hardware(self, spec: MachineSpec) -> GuestHardware:
+        """The drivers and interface names a Linux guest needs for `spec` (completed) here."""
+        spec = self.complete(spec)
+        disks = {**LINUX_DISK_DRIVERS, **self.disk_drivers}
+        nics = {**LINUX_NIC_DRIVERS, **self.nic_drivers}
+        disk = [m for d in spec.disks for m in disks[d.bus or self.buses[0]]]
+        nic = [m for n in spec.nics for m in nics[n.model or self.nic_models[0]]]
+        return GuestHardware(
+            _unique(disk), _unique(nic), self.interface_names(spec), self.keeps_macs
+        )
 
     def stem(self, spec: MachineSpec) -> str:
         return file_stem(spec.name)

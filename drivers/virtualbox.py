@@ -51,6 +51,15 @@ class Virtualbox(Platform):
     def uses_ovf(self, spec: MachineSpec) -> bool:
         return bool(spec.disks) and all(d.format in OVF_DISK_FORMATS for d in spec.disks)
 
+    disk_drivers = {"scsi": ("mptspi",)}
+    # VirtualBox puts NIC 1 at PCI 00:03.0 and the next ones from 00:08.0
+    _SLOTS = (3, 8, 9, 10, 16, 17, 18, 19)
+
+    def interface_names(self, spec: MachineSpec) -> tuple[str, ...]:
+        return tuple(
+            f"enp0s{self._SLOTS[i]}" if i < len(self._SLOTS) else "" for i in range(len(spec.nics))
+        )
+
     def definition_path(self, spec: MachineSpec, outdir: str) -> str:
         ext = "ovf" if self.uses_ovf(spec) else "vbox.sh"
         return os.path.join(outdir, f"{self.stem(spec)}.{ext}")

@@ -66,6 +66,14 @@ class Vmware(Platform):
     memory_step_mib = 4  # memSize must be a multiple of 4 MB
     default_network = "VM Network"
 
+    disk_drivers = {"scsi": ("vmw_pvscsi",)}
+    # ESXi places ethernet0-3 behind the pcieRootPort bridges the .vmx declares: the
+    # names its Linux guests get are well known; beyond the fourth they depend on ESXi
+    _NAMES = ("ens192", "ens224", "ens256", "ens161")
+
+    def interface_names(self, spec: MachineSpec) -> tuple[str, ...]:
+        return tuple(self._NAMES[i] if i < len(self._NAMES) else "" for i in range(len(spec.nics)))
+
     def preferred_nic(self, spec: MachineSpec) -> str:
         return "e1000e" if spec.os == "windows" else "vmxnet3"
 

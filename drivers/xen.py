@@ -58,6 +58,17 @@ class Xen(Platform):
     def render(self, spec: MachineSpec, outdir: str) -> bytes:
         return xl_cfg(spec, outdir).encode("utf-8")
 
+    # an HVM Linux guest with the PV drivers unplugs the emulated disk and NIC and uses
+    # xen-blkfront/xen-netfront (xvda, eth0); the emulated drivers stay as the fallback
+    disk_drivers = {
+        "ide": ("xen_blkfront", "ata_piix"),
+        "scsi": ("xen_blkfront", "sym53c8xx"),
+    }
+    nic_drivers = {"e1000": ("xen_netfront", "e1000"), "rtl8139": ("xen_netfront", "8139cp")}
+
+    def interface_names(self, spec: MachineSpec) -> tuple[str, ...]:
+        return tuple(f"eth{i}" for i in range(len(spec.nics)))
+
     def checklist(self, source: MachineSpec, target: MachineSpec) -> list[str]:
         out = checklist.common(source, target)
         if target.os in (None, "linux"):
