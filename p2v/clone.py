@@ -393,14 +393,8 @@ def _plan(disk: RemoteDisk, skip_unused: bool) -> tuple[list[Extent], int | None
     """What to copy: the filesystems' used blocks, or the whole disk."""
     if not skip_unused:
         return [Extent(0, disk.size, Kind.DATA)], None
-    try:
-        from formats.filesystems import used_extents
-    except ImportError:
-        log.warning(
-            "--skip-unused: filesystem maps are not in this build; copying the whole "
-            "disk with zero detection"
-        )
-        return [Extent(0, disk.size, Kind.DATA)], None
+    from formats.filesystems import used_extents
+
     extents = used_extents(disk)
     disk.drop_cache()
     used = sum(e.length for e in extents if e.kind == Kind.DATA)
@@ -611,7 +605,7 @@ def clone(
     if opts.target:
         try:
             result.definition = inventory.write_target_definition(description, opts.target, outdir)
-        except (inventory.NotAvailable, ValueError, OSError) as exc:
+        except (ValueError, OSError) as exc:
             # the images are done and verified: a definition that cannot be written is
             # reported, not a reason to call the clone failed
             log.warning("%s", exc)

@@ -1,34 +1,64 @@
 """Running the real tools tests check against (qemu-img, qemu-io, the p2v command).
 
-A test that needs an absent tool skips locally with the reason; under CI (CI=true) the
-same absence is a failure, because `make test` installs the tools."""
+A test that needs something absent (a tool, an oracle library, root, a loop device)
+skips locally with the reason; under CI (CI=true) the same absence is a failure, because
+`make test` installs everything and CI runs as root. These helpers are the suite's only
+way to skip: a bare pytest.skip or skipif would hide from CI."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
 import sys
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def unavailable(reason: str) -> NoReturn:
+    """Skip with the reason locally; fail under CI, where nothing may be missing."""
+    if IN_CI:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def need_tool(*names: str) -> None:
     for name in names:
         if shutil.which(name) is None:
-            msg = f"{name} is not installed (make test installs it)"
-            if IN_CI:
-                pytest.fail(msg)
-            pytest.skip(msg)
+            unavailable(f"{name} is not installed (make test installs it)")
 
 
 def need_root() -> None:
     if os.geteuid() != 0:
-        if IN_CI:
-            pytest.fail("this test needs root")
-        pytest.skip("this test needs root")
+        unavailable("this test needs root")
+
+
+def need_module(name: str, package: str) -> ModuleType:
+    """An oracle library, imported; `package` is what provides it (pyproject's test extra)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        unavailable(f"{name} cannot be imported ({exc}; {package} provides it)")
+
+
+def need_file(path: str, package: str) -> None:
+    if not os.path.exists(path):
+        unavailable(f"{path} is missing (Debian package {package}; make test installs it)")
+
+
+def loop_mount(source: str, target: str, options: str = "loop") -> None:
+    """mount -o OPTIONS SOURCE TARGET, or a skip where this machine has no loop devices
+    (a container without /dev/loop-control): CI's machine has them."""
+    need_root()
+    need_tool("mount")
+    res = run(["mount", "-o", options, source, target])
+    if res.returncode:
+        unavailable(f"cannot loop-mount here: {res.stderr.strip()}")
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:

@@ -38,7 +38,7 @@ import pytest
 
 from drivers import kvm
 from drivers.machine import DiskSpec, MachineSpec, NicSpec
-from tests.external import IN_CI, need_root, need_tool, p2v, qemu_img, run
+from tests.external import need_file, need_root, need_tool, p2v, qemu_img, run, unavailable
 from tests.live_migrate.guest_image import build_guest
 
 MiB = 1 << 20
@@ -66,14 +66,6 @@ LABEL linux
   INITRD /initrd
   APPEND console=ttyS0 quiet panic=-1 mitigations=off p2v_marker=%s
 """
-
-
-def need_file(path: str, package: str) -> None:
-    if not os.path.exists(path):
-        msg = f"{path} is missing (Debian package {package}; make test installs it)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
 
 
 def chown_tree(path: str, uid: int, gid: int) -> None:
@@ -409,9 +401,7 @@ def test_converted_disk_boots_to_its_serial_console(libvirtd, tmp_path):
         kernel = debian_bzimage()
     except build_guest.GuestBuildError as exc:
         # as the QEMU migration tests: no package lists or no mirror is a skip locally
-        if IN_CI:
-            pytest.fail(f"cannot get the guest kernel: {exc}")
-        pytest.skip(f"cannot get the guest kernel: {exc}")
+        unavailable(f"cannot get the guest kernel: {exc}")
     initrd = str(tmp_path / "initrd.cpio")
     busybox_initrd(initrd)
     marker = secrets.token_hex(8)

@@ -12,12 +12,10 @@ import textwrap
 import threading
 import time
 
-import pytest
-
 import formats
 from formats.convert import convert
 from formats.mapped import mapped
-from tests.external import qemu_img
+from tests.external import need_root, qemu_img
 
 MiB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -78,8 +76,8 @@ def test_no_mapping_off_the_main_thread(tmp_path):
     assert qemu_img("compare", src, str(tmp_path / "out.qcow2")).returncode == 0
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="running the reader as another user needs root")
 def test_no_mapping_for_a_reader_who_may_not_lease_the_file(tmp_path):
+    need_root()  # to run the reader as another user
     # a lease needs the file's owner (or CAP_LEASE): another user reading a root-owned
     # image converts it the ordinary way
     work = tempfile.mkdtemp(dir="/var/tmp")

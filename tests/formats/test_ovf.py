@@ -400,15 +400,7 @@ def raw_disk(tmp_path):
     return str(path)
 
 
-def _need_vmdk():
-    try:
-        import formats.vmdk  # noqa: F401
-    except ImportError:
-        pytest.skip("formats.vmdk is not in this build yet")
-
-
 def test_pack_unpack_round_trip_with_qemu_img(tmp_path, raw_disk):
-    _need_vmdk()
     out = str(tmp_path / "app.ova")
     machine = {k: v for k, v in MACHINE.items() if k != "disks"}
     res = ovf.pack([raw_disk, raw_disk], out, machine, ovf_version="2")
@@ -443,7 +435,6 @@ def test_pack_unpack_round_trip_with_qemu_img(tmp_path, raw_disk):
 
 
 def test_unpack_an_ovf_package_directory(tmp_path, raw_disk):
-    _need_vmdk()
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     disk = pkg / "d1.vmdk"
@@ -467,7 +458,6 @@ def test_unpack_an_ovf_package_directory(tmp_path, raw_disk):
 
 
 def test_pack_refuses_existing_output_and_leaves_no_partial(tmp_path, raw_disk):
-    _need_vmdk()
     out = tmp_path / "a.ova"
     out.write_bytes(b"keep")
     with pytest.raises(FormatError, match="exists"):

@@ -19,7 +19,7 @@ from formats.convert import convert
 from formats.extents import Kind
 from formats.options import parse_size
 from formats.vhdx import layout as L
-from tests.external import qemu_img, qemu_io
+from tests.external import need_module, qemu_img, qemu_io
 
 MiB = 1 << 20
 
@@ -67,7 +67,7 @@ def pattern_raw(tmp_path, size=40 * MiB, name="src.raw"):
 
 
 def libvhdi_read(path, parent=None):
-    pyvhdi = pytest.importorskip("pyvhdi")
+    pyvhdi = need_module("pyvhdi", "libvhdi-python")
     f = pyvhdi.file()
     f.open(path)
     p = None

@@ -18,7 +18,7 @@ from formats.convert import convert
 from formats.extents import Kind
 from formats.vmdk import descriptor as dd
 from formats.vmdk import layout as L
-from tests.external import qemu_img, qemu_io
+from tests.external import need_module, qemu_img, qemu_io
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -200,7 +200,7 @@ def test_reads_a_descriptor_mixing_extent_kinds(tmp_path):
 
 # -- writing: every subformat, checked by qemu-img and libvmdk --------------------------------
 def libvmdk_handle(path):
-    pyvmdk = pytest.importorskip("pyvmdk", reason="libvmdk-python is not installed")
+    pyvmdk = need_module("pyvmdk", "libvmdk-python")
     h = pyvmdk.handle()
     h.open(path)
     h.open_extent_data_files()

@@ -43,8 +43,6 @@ class Target:
     run: Callable[[bytes], None]
     #: seed kinds that feed this target (see seeds.py)
     seeds: tuple[str, ...]
-    #: modules that must import for the target to make sense (parts still being built)
-    needs: tuple[str, ...] = ()
     #: modules (packages with everything under them) atheris instruments for coverage;
     #: instrumenting costs seconds of start-up per package, so only the target's own
     covers: tuple[str, ...] = ()
@@ -616,22 +614,17 @@ TARGETS: dict[str, Target] = {
             _IMAGES,
             covers=tuple(_image_modules(f)[0] for f in _IMAGES),
         ),
-        *(
-            Target(f, image_target(f), (f, f"{f}-backing"), (f,), _image_modules(f))
-            for f in _IMAGES
-        ),
+        *(Target(f, image_target(f), (f, f"{f}-backing"), _image_modules(f)) for f in _IMAGES),
         Target(
             "vmdk_descriptor",
             vmdk_descriptor_target,
             ("vmdk-descriptor",),
-            ("vmdk",),
             ("formats.vmdk", *_CORE),
         ),
         Target(
             "vmdk_stream",
             image_target("vmdk", read_all=True),
             ("vmdk-stream",),
-            ("vmdk",),
             ("formats.vmdk", *_CORE),
         ),
         Target(
@@ -651,18 +644,16 @@ TARGETS: dict[str, Target] = {
                 f"fs_{m}",
                 filesystem_target(m),
                 seeds,
-                (f"formats.filesystems.{m}",),
                 (*mods, "formats.filesystems.ranges"),
             )
             for m, (seeds, mods) in _FILESYSTEMS.items()
         ),
-        Target("ovf", ovf_target, ("ovf",), ("formats.ovf",), ("formats.ovf.descriptor",)),
-        Target("ova", ova_target, ("ova",), ("formats.ovf",), ("formats.ovf",)),
+        Target("ovf", ovf_target, ("ovf",), ("formats.ovf.descriptor",)),
+        Target("ova", ova_target, ("ova",), ("formats.ovf",)),
         Target(
             "agent_replies",
             agent_replies_target,
             ("agent-replies",),
-            ("p2v.protocol",),
             ("p2v.protocol",),
         ),
         Target(
@@ -670,13 +661,11 @@ TARGETS: dict[str, Target] = {
             agent_requests_target,
             ("agent-requests",),
             ("p2v.agent",),
-            ("p2v.agent",),
         ),
         Target(
             "migration_wire",
             migration_wire_target,
             ("migration",),
-            ("live_migrate.receiver", "live_migrate.wire"),
             _MIGRATION,
         ),
     )

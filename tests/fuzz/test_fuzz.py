@@ -8,7 +8,6 @@ here in-process, so a fix that regresses fails fast and without atheris."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import shutil
@@ -32,21 +31,6 @@ MALLOC_LIMIT_MB = 1024
 KEEP = os.environ.get("P2V_FUZZ_KEEP")
 
 
-def missing(name: str) -> str | None:
-    """Why the target cannot run yet (a part still being built), or None."""
-    import formats
-
-    for need in TARGETS[name].needs:
-        try:
-            if need in formats.FORMATS:
-                formats._module(need)
-            else:
-                importlib.import_module(need)
-        except (ImportError, formats.FormatError) as exc:
-            return f"{need} is not available yet ({exc})"
-    return None
-
-
 def build_corpus(name: str, corpus: str) -> int:
     os.makedirs(corpus, exist_ok=True)
     for kind in TARGETS[name].seeds:
@@ -57,9 +41,6 @@ def build_corpus(name: str, corpus: str) -> int:
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_parser_survives_fuzzing(name, tmp_path):
     need_tool("qemu-img", "qemu-io")
-    why = missing(name)
-    if why:
-        pytest.skip(why)
     base = os.path.join(KEEP, name) if KEEP else str(tmp_path)
     corpus = os.path.join(base, "corpus")
     seeds = build_corpus(name, corpus)
@@ -104,9 +85,6 @@ def _regressions() -> list[tuple[str, str]]:
 @pytest.mark.parametrize("target, case", _regressions())
 def test_found_input_stays_fixed(target, case):
     """An input the fuzzer once broke a parser with: only its own errors now."""
-    why = missing(target)
-    if why:
-        pytest.skip(why)
     with open(os.path.join(REGRESSIONS, target, case), "rb") as f:
         data = f.read()
     TARGETS[target].run(data)

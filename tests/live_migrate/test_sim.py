@@ -12,6 +12,7 @@ import pytest
 from live_migrate.errors import GuestError
 from live_migrate.guest import DirtyTracking, Geometry, SourceGuest
 from live_migrate.guests.sim import SimGuest, SimTarget, parse_spec
+from tests.external import unavailable
 
 
 def pages_of(guest: SimGuest) -> np.ndarray:
@@ -155,14 +156,12 @@ def _resident(address: int, length: int) -> int:
     return int((entries >> np.uint64(63)).sum()) * page
 
 
-@pytest.mark.skipif(
-    not hasattr(mmap, "MADV_HUGEPAGE") or not os.path.exists("/proc/self/smaps"),
-    reason="transparent huge pages are Linux only",
-)
 @pytest.mark.parametrize("prealloc", [False, True])
 def test_target_memory_asks_for_huge_pages(prealloc: bool) -> None:
     """As QEMU does for guest RAM: the first touch of fresh memory is then one fault
     per 2 MiB, not per 4 KiB page. Preallocated, every page is present at once."""
+    if not hasattr(mmap, "MADV_HUGEPAGE") or not os.path.exists("/proc/self/smaps"):
+        unavailable("transparent huge pages are Linux only")
     target = SimTarget(Geometry(4096, 1024), prealloc=prealloc)
     try:
         mem = np.frombuffer(target.memory(), dtype=np.uint8)

@@ -21,7 +21,7 @@ import pytest
 
 from p2v import protocol
 from p2v.protocol import AgentRequestError, PipeStream, start_agent
-from tests.external import need_root, need_tool
+from tests.external import loop_mount, need_root, need_tool
 
 MiB = 1 << 20
 AGENT = os.path.join(os.path.dirname(protocol.__file__), "agent.py")
@@ -194,9 +194,7 @@ def mounted_fs(tmp_path):
     subprocess.run(["mkfs.ext4", "-q", str(img)], check=True)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    res = subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True)
-    if res.returncode:
-        pytest.skip(f"cannot loop-mount here: {res.stderr.decode().strip()}")
+    loop_mount(str(img), str(mnt))
     yield str(mnt)
     subprocess.run(["fsfreeze", "--unfreeze", str(mnt)], capture_output=True)
     subprocess.run(["umount", str(mnt)], check=True)

@@ -5,17 +5,15 @@ killed in test_crash_safety_clone.py."""
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
+from formats.output import PARTIAL_SUFFIX
 from tests.external import qemu_img
-from tests.p2v.disks import striped_disk
+from tests.p2v.disks import allocated, kill_when, striped_disk
 
 MiB = 1 << 20
 
@@ -26,21 +24,26 @@ def source(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt, extra", [("qcow2", []), ("qcow2", ["-c"]), ("raw", [])])
-def test_sigkill_never_leaves_partial_output_under_final_name(source, tmp_path, fmt, extra):
-    delays = random.Random(42).sample([i / 100 for i in range(5, 120)], 4)
+def test_sigkill_mid_write_never_leaves_partial_output_under_final_name(
+    source, tmp_path, fmt, extra
+):
     out = str(tmp_path / f"out.{fmt}")
+    partial = out + PARTIAL_SUFFIX
     cmd = [sys.executable, "-m", "p2v", "convert", *extra, "-O", fmt, source, out]
-    for delay in delays:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if os.path.exists(out):
-            # it finished before the kill: what stands there must be whole
-            qemu_img("compare", source, out)
-            os.unlink(out)
+
+    def finished() -> None:
+        qemu_img("compare", source, out)  # what stands under the final name is whole
+        os.unlink(out)
+
+    # the source holds 86 MiB of data: kills as the output's first MiB lands, and
+    # a third and two thirds of the way through
+    for mib in (1, 32, 64):
+        kill_when(cmd, lambda mib=mib: allocated(partial) >= mib * MiB, finished)
+        assert not os.path.exists(out)
+        assert allocated(partial) >= mib * MiB  # the killed run was writing its data
     rerun = subprocess.run([*cmd, "--force"], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
+    assert not os.path.exists(partial)
     qemu_img("compare", source, out)
     if fmt == "qcow2":
         qemu_img("check", out)
@@ -74,23 +77,23 @@ def test_sigkill_of_ovf_pack_never_leaves_partial_ova_under_final_name(small_sou
         return [sys.executable, "-m", "p2v", "ovf", "pack", "-o", to, "-f", "raw", source]
 
     cmd = pack(out)
-    # moments as fractions of a timed whole run: inside the conversion, the staging and
-    # the archive on a fast machine and a loaded one alike
-    t0 = time.monotonic()
-    subprocess.run(pack(str(tmp_path / "ref.ova")), check=True, capture_output=True)
-    whole = time.monotonic() - t0
-    rng = random.Random(43)
-    # the archive is written in the last fifth or so: two moments aim there
-    delays = [whole * rng.uniform(0.2, 1.0) for _ in range(3)]
-    delays += [whole * rng.uniform(0.8, 1.0) for _ in range(2)]
-    for delay in delays:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if os.path.exists(out):
-            _ova_holds(out, source, str(tmp_path / "check"))
-            os.unlink(out)
+    stage = os.path.join(os.path.dirname(out), ".vm.ova.p2v-stage", "vm-disk1.vmdk.partial")
+    partial = out + PARTIAL_SUFFIX
+
+    def finished() -> None:
+        _ova_holds(out, source, str(tmp_path / "check"))
+        os.unlink(out)
+
+    # killed while the disk is converted into the staging directory, then while the
+    # archive (about 22 MiB) is written
+    moments = [
+        lambda: allocated(stage) >= MiB,
+        lambda: allocated(partial) >= MiB,
+        lambda: allocated(partial) >= 12 * MiB,
+    ]
+    for ready in moments:
+        kill_when(cmd, ready, finished)
+        assert not os.path.exists(out)
     rerun = subprocess.run([*cmd, "--force"], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     _ova_holds(out, source, str(tmp_path / "check"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -33,7 +32,7 @@ def test_description_from_a_real_inventory_and_a_remote_partition_table(agent, p
     assert table["partitions"][0]["type_name"] == "EFI System"
     cloned = inventory.ClonedDisk(path, size, "sda.qcow2", "qcow2", layout=table)
     desc = inventory.describe(inv, [cloned], source="root@server:22")
-    assert desc["cpus"] == os.cpu_count() and desc["memory"] == inv["memory"]
+    assert desc["cpus"] == os.cpu_count() and desc["memory"] >= inv["memory"]
     assert desc["firmware"] in ("bios", "uefi")
     assert desc["disks"][0]["path"] == "sda.qcow2" and desc["disks"][0]["size"] == size
     assert desc["os"]["kernel"] == os.uname().release
@@ -44,8 +43,6 @@ def test_description_from_a_real_inventory_and_a_remote_partition_table(agent, p
 
 
 def test_description_becomes_a_machine_spec_for_the_drivers():
-    if importlib.util.find_spec("drivers.machine") is None:
-        pytest.skip("the drivers package has no MachineSpec yet")
     desc = {
         "name": "web1",
         "cpus": 4,

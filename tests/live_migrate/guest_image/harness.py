@@ -26,10 +26,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import pytest
-
 from live_migrate.qemu_launcher import QemuSpec, wait_for_line
-from tests.external import IN_CI, need_tool
+from tests.external import need_tool, unavailable
 
 from .build_guest import GuestBuildError, GuestImage, build
 
@@ -42,9 +40,7 @@ def build_or_skip() -> GuestImage:
     try:
         return build()
     except GuestBuildError as exc:
-        if IN_CI:
-            pytest.fail(f"cannot build the test guest: {exc}")
-        pytest.skip(f"cannot build the test guest: {exc}")
+        unavailable(f"cannot build the test guest: {exc}")
 
 
 def shm_dir() -> str:
