@@ -43,6 +43,8 @@ lint: python-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy formats live_migrate
+	# the agent runs on the server's own Python: 2.6 (RHEL 6), 2.7 and 3.x
+	$(BIN)/vermin -t=2.6- -t=3.0- --no-tips --violations p2v/agent.py
 
 test: deps lint
 	$(BIN)/pytest -q -n 2 --durations=15 $(PYTEST_ARGS)

@@ -1,9 +1,13 @@
 """The p2v imaging agent: a block server that runs on the physical server for one clone.
 
-It is sent over the SSH channel and run by `python3` with nothing written to the server's
-disks; it exits when its input closes. It must stay ONE stdlib-only file that any Python
->= 3.6 runs (tests check the syntax level with vermin), so it repeats the framing
+It is sent over the SSH channel and run by the server's Python with nothing written to
+the server's disks; it exits when its input closes. It must stay ONE stdlib-only file that
+Python 2.6, 2.7 and 3.3+ all run (the servers people migrate are the old ones: RHEL 6 has
+2.6, RHEL 7 and SLES 12 2.7), checked by vermin for each target, so it repeats the framing
 constants that p2v/protocol.py declares for the controller (a test checks they agree).
+Hence: %-formatting (2.6 has no "{}"), no concurrent.futures, and a fallback for each
+newer call (os.pread, time.monotonic, os.cpu_count, subprocess.run) marked `novermin`.
+Servers without any Python get p2v/shell_agent.py instead.
 
 Wire format, stdin -> stdout, big-endian:
 
@@ -20,7 +24,9 @@ inside the opened device, sizes are capped, bodies are bounded; a bad request ge
 error response, a broken frame ends the session.
 """
 
-import concurrent.futures
+import binascii
+import collections
+import errno
 import hashlib
 import json
 import os
@@ -33,6 +39,26 @@ import sys
 import threading
 import time
 import zlib
+
+try:
+    TEXT = unicode  # noqa: F821 - Python 2: JSON strings are unicode
+except NameError:
+    TEXT = str
+
+if hasattr(time, "monotonic"):
+    monotonic = time.monotonic  # novermin - guarded: Python 2 falls back to time.time
+else:
+    monotonic = time.time
+
+
+def cpu_count():
+    try:
+        import multiprocessing
+
+        return multiprocessing.cpu_count()
+    except (ImportError, NotImplementedError):
+        return 1
+
 
 MAGIC = b"PV"
 VERSION = 1
@@ -92,7 +118,7 @@ class Failed(Exception):
 def _zero_digest(length, cache={}):  # noqa: B006 - a deliberate per-process cache
     digest = cache.get(length)
     if digest is None:
-        digest = hashlib.new(DIGEST, bytes(length)).digest()
+        digest = hashlib.new(DIGEST, _zeros(length)).digest()
         if len(cache) < 64:
             cache[length] = digest
     return digest
@@ -105,7 +131,7 @@ def _zeros(n):
     """A zero bytes object of length n, kept for the few lengths requests use."""
     z = _ZERO_CACHE.get(n)
     if z is None:
-        z = bytes(n)
+        z = b"\0" * n  # bytes(n) is the text "n" under Python 2
         if len(_ZERO_CACHE) < 8:
             _ZERO_CACHE[n] = z
     return z
@@ -116,29 +142,53 @@ def _is_zero(data):
     return data == _zeros(len(data))
 
 
+def _utf8(text):
+    if isinstance(text, TEXT):
+        return text.encode("utf-8", "replace")
+    return text  # Python 2's str is already bytes
+
+
 def _run(argv, timeout=60):
     """Run a tool; return its stdout as text. Its output never reaches our stdout."""
     try:
-        proc = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            universal_newlines=True,
-            timeout=timeout,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise Failed("{}: {}".format(argv[0], exc))
+        devnull = open(os.devnull, "rb")
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=devnull,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                universal_newlines=True,
+            )
+        finally:
+            devnull.close()
+    except OSError as exc:
+        raise Failed("%s: %s" % (argv[0], exc))
+    # communicate() takes no timeout before 3.3: a timer kills a tool that hangs
+    timer = threading.Timer(timeout, _kill, (proc,))
+    timer.daemon = True
+    timer.start()
+    try:
+        out, err = proc.communicate()
+    finally:
+        timer.cancel()
     if proc.returncode != 0:
-        raise Failed("{} failed ({}): {}".format(" ".join(argv), proc.returncode, proc.stderr.strip()))
-    return proc.stdout
+        raise Failed("%s failed (%s): %s" % (" ".join(argv), proc.returncode, err.strip()))
+    return out
+
+
+def _kill(proc):
+    try:
+        proc.kill()
+    except OSError:
+        pass
 
 
 def _read_text(path, default=None):
     try:
         with open(path) as f:
             return f.read().strip()
-    except (OSError, UnicodeDecodeError):
+    except (IOError, OSError, UnicodeDecodeError):  # IOError: Python 2's open()
         return default
 
 
@@ -221,7 +271,7 @@ def _nics():
     try:
         for entry in json.loads(_run(["ip", "-j", "addr", "show"], timeout=10)):
             addresses[entry.get("ifname")] = [
-                "{}/{}".format(a.get("local"), a.get("prefixlen"))
+                "%s/%s" % (a.get("local"), a.get("prefixlen"))
                 for a in entry.get("addr_info", [])
                 if a.get("local")
             ]
@@ -262,13 +312,53 @@ def _os_release():
     return info
 
 
-def _memory():
+def _mem_total():
     for line in (_read_text("/proc/meminfo") or "").splitlines():
         if line.startswith("MemTotal:"):
             parts = line.split()
             if len(parts) >= 2 and parts[1].isdigit():
                 return int(parts[1]) * 1024
     return None
+
+
+DMI_ENTRIES = "/sys/firmware/dmi/entries"
+MEMORY_BLOCKS = "/sys/devices/system/memory"
+
+
+def _read_bytes(path, limit=1 << 16):
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except (IOError, OSError):
+        return None
+
+
+def _memory():
+    """Installed memory and where it was found: the DMI memory devices (what the
+    firmware says is in the slots; root only), else the memory blocks the kernel
+    manages, else MemTotal (which leaves out what the kernel reserved: a 1 GiB
+    server reports ~960 MiB there). The sizes are decoded by the controller
+    (p2v/inventory.py): the agent has no parsing intelligence."""
+    dmi = []
+    try:
+        names = sorted(n for n in os.listdir(DMI_ENTRIES) if n.startswith("17-"))
+    except OSError:
+        names = []
+    for name in names[:1024]:
+        raw = _read_bytes(DMI_ENTRIES + "/" + name + "/raw", 4096)
+        if raw:
+            dmi.append(binascii.hexlify(raw).decode("ascii"))
+    blocks = 0
+    try:
+        blocks = len([n for n in os.listdir(MEMORY_BLOCKS) if n.startswith("memory")])
+    except OSError:
+        pass
+    return {
+        "dmi_type17": dmi,
+        "block_size": _read_text(MEMORY_BLOCKS + "/block_size_bytes"),
+        "blocks": blocks,
+        "mem_total": _mem_total(),
+    }
 
 
 def _cpu():
@@ -281,7 +371,7 @@ def _cpu():
             model = value.strip()
         elif key == "physical id":
             sockets.add(value.strip())
-    return {"count": os.cpu_count(), "model": model, "sockets": len(sockets) or 1}
+    return {"count": cpu_count(), "model": model, "sockets": len(sockets) or 1}
 
 
 def _mounts():
@@ -294,17 +384,18 @@ def _mounts():
 
 
 def inventory():
-    uname = platform.uname()
+    uname = os.uname()  # platform.uname() is a plain tuple before 2.7
     return {
         "hostname": socket.gethostname(),
         "cpu": _cpu(),
-        "memory": _memory(),
+        "memory": _mem_total(),  # what the kernel manages; installed memory is
+        "memory_sources": _memory(),  # decided by the controller from these
         "firmware": "uefi" if os.path.isdir("/sys/firmware/efi") else "bios",
         "disks": list_disks(),
         "block_devices": _lsblk(),
         "nics": _nics(),
         "os": _os_release(),
-        "kernel": {"release": uname.release, "version": uname.version, "machine": uname.machine},
+        "kernel": {"release": uname[2], "version": uname[3], "machine": uname[4]},
         "mounts": _mounts(),
         "python": platform.python_version(),
     }
@@ -319,26 +410,33 @@ class Device(object):
         try:
             st = os.stat(real)
         except OSError as exc:
-            raise Failed("{}: {}".format(path, exc.strerror))
+            raise Failed("%s: %s" % (path, exc.strerror))
         if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
-            raise Invalid("{}: neither a block device nor a file".format(path))
+            raise Invalid("%s: neither a block device nor a file" % path)
         flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
         try:
-            self.fd = os.open(real, flags | getattr(os, "O_NOATIME", 0))
-        except PermissionError:
-            self.fd = os.open(real, flags)  # O_NOATIME needs ownership; root over sudo has it
+            try:
+                self.fd = os.open(real, flags | getattr(os, "O_NOATIME", 0))
+            except OSError as exc:
+                if exc.errno != errno.EPERM:
+                    raise
+                # O_NOATIME needs ownership; root over sudo has it
+                self.fd = os.open(real, flags)
         except OSError as exc:
-            raise Failed("{}: {}".format(path, exc.strerror))
+            # the class name tells the controller to suggest --sudo (PermissionError
+            # is what Python 3 calls it; Python 2 has only OSError)
+            kind = "PermissionError: " if exc.errno in (errno.EACCES, errno.EPERM) else ""
+            raise Failed("%s%s: %s" % (kind, path, exc.strerror))
         self.path = path
         self.kind = "block" if stat.S_ISBLK(st.st_mode) else "file"
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        self.seek_lock = threading.Lock()  # for Pythons without os.pread
 
     def check_range(self, offset, length):
         if offset < 0 or length < 0 or offset + length > self.size:
             raise Invalid(
-                "{}: range {:#x}+{:#x} is outside the device ({:#x} bytes)".format(
-                    self.path, offset, length, self.size
-                )
+                "%s: range %#x+%#x is outside the device (%#x bytes)"
+                % (self.path, offset, length, self.size)
             )
 
     def pread(self, offset, length):
@@ -346,17 +444,69 @@ class Device(object):
         got = 0
         while got < length:
             try:
-                chunk = os.pread(self.fd, length - got, offset + got)
+                chunk = self._pread(length - got, offset + got)
             except OSError as exc:
-                raise Failed("{}: read at {:#x}: {}".format(self.path, offset + got, exc.strerror))
+                raise Failed("%s: read at %#x: %s" % (self.path, offset + got, exc.strerror))
             if not chunk:
-                raise Failed("{}: device shrank below {:#x}".format(self.path, offset + got))
+                raise Failed("%s: device shrank below %#x" % (self.path, offset + got))
             parts.append(chunk)
             got += len(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    if hasattr(os, "pread"):
+
+        def _pread(self, n, offset):
+            return os.pread(self.fd, n, offset)  # novermin - guarded by hasattr
+
+    else:
+
+        def _pread(self, n, offset):
+            with self.seek_lock:
+                os.lseek(self.fd, offset, os.SEEK_SET)
+                return os.read(self.fd, n)
+
     def close(self):
         os.close(self.fd)
+
+
+class _Pool(object):
+    """A fixed set of worker threads (concurrent.futures is not in Python 2)."""
+
+    def __init__(self, workers):
+        # a deque and a condition: the queue module is named Queue in Python 2
+        self.jobs = collections.deque()
+        self.ready = threading.Condition()
+        self.threads = []
+        for _ in range(workers):
+            t = threading.Thread(target=self._work)
+            t.daemon = True
+            t.start()
+            self.threads.append(t)
+
+    def _work(self):
+        while True:
+            with self.ready:
+                while not self.jobs:
+                    self.ready.wait()
+                job = self.jobs.popleft()
+            if job is None:
+                return
+            fn, args = job
+            fn(*args)
+
+    def submit(self, fn, *args):
+        self._put((fn, args))
+
+    def _put(self, job):
+        with self.ready:
+            self.jobs.append(job)
+            self.ready.notify()
+
+    def shutdown(self):
+        for _ in self.threads:
+            self._put(None)
+        for t in self.threads:
+            t.join()
 
 
 # -- the server ---------------------------------------------------------------------
@@ -423,8 +573,8 @@ class Agent(object):
         self.snapshots = []
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
-        self.pool = concurrent.futures.ThreadPoolExecutor(workers)
-        self.policy = CompressionPolicy(min(workers, os.cpu_count() or 1))
+        self.pool = _Pool(workers)
+        self.policy = CompressionPolicy(min(workers, cpu_count()))
         self.running = True
 
     # framing
@@ -442,14 +592,14 @@ class Agent(object):
         length = sum(len(p) for p in parts)
         head = HEADER.pack(MAGIC, status, flags, req_id, length)
         with self.write_lock:
-            started = time.monotonic()
+            started = monotonic()
             self.wfile.write(head)
             for part in parts:
                 if part:
                     self.wfile.write(part)
             self.wfile.flush()
             if length >= 65536:
-                self.policy.note_send(length, time.monotonic() - started)
+                self.policy.note_send(length, monotonic() - started)
 
     def serve(self):
         try:
@@ -471,7 +621,7 @@ class Agent(object):
                 else:
                     self.handle(op, flags, req_id, body)
         finally:
-            self.pool.shutdown(wait=True)
+            self.pool.shutdown()
             self.cleanup()
 
     def handle(self, op, flags, req_id, body):
@@ -480,12 +630,12 @@ class Agent(object):
                 rflags, payload = self.dispatch(op, flags, body)
                 status = STATUS_OK
             except Invalid as exc:
-                status, rflags, payload = STATUS_INVALID, 0, str(exc).encode("utf-8", "replace")
+                status, rflags, payload = STATUS_INVALID, 0, _utf8(str(exc))
             except Failed as exc:
-                status, rflags, payload = STATUS_ERROR, 0, str(exc).encode("utf-8", "replace")
+                status, rflags, payload = STATUS_ERROR, 0, _utf8(str(exc))
             except Exception as exc:  # noqa: BLE001 - report it; the agent keeps serving
-                msg = "{}: {}".format(type(exc).__name__, exc)
-                status, rflags, payload = STATUS_ERROR, 0, msg.encode("utf-8", "replace")
+                msg = "%s: %s" % (type(exc).__name__, exc)
+                status, rflags, payload = STATUS_ERROR, 0, _utf8(msg)
             try:
                 self.send(req_id, status, rflags, payload)
             except (OSError, ValueError):
@@ -513,7 +663,7 @@ class Agent(object):
         }
         handler = handlers.get(op)
         if handler is None:
-            raise Invalid("unknown operation {}".format(op))
+            raise Invalid("unknown operation %s" % op)
         try:
             args = json.loads(body.decode("utf-8")) if body else {}
         except ValueError:
@@ -525,7 +675,7 @@ class Agent(object):
     def device(self, handle):
         dev = self.devices.get(handle)
         if dev is None:
-            raise Invalid("no open device with handle {}".format(handle))
+            raise Invalid("no open device with handle %s" % handle)
         return dev
 
     # operations
@@ -542,7 +692,7 @@ class Agent(object):
 
     def op_open(self, args):
         path = args.get("path")
-        if not isinstance(path, str) or not path:
+        if not isinstance(path, (str, TEXT)) or not path:
             raise Invalid("open: a path is required")
         dev = Device(path)
         with self.lock:
@@ -558,7 +708,7 @@ class Agent(object):
         with self.lock:
             dev = self.devices.pop(handle, None)
         if dev is None:
-            raise Invalid("no open device with handle {}".format(handle))
+            raise Invalid("no open device with handle %s" % handle)
         dev.close()
         return b""
 
@@ -567,7 +717,7 @@ class Agent(object):
             raise Invalid("read: bad body")
         handle, offset, length = READ_BODY.unpack(body)
         if length > MAX_READ:
-            raise Invalid("read: {} bytes asked, at most {}".format(length, MAX_READ))
+            raise Invalid("read: %d bytes asked, at most %d" % (length, MAX_READ))
         dev = self.device(handle)
         dev.check_range(offset, length)
         data = dev.pread(offset, length)
@@ -575,9 +725,9 @@ class Agent(object):
             return DATA_ZERO, _zero_digest(length)
         digest = hashlib.new(DIGEST, data).digest()
         if flags & READ_ZLIB and self.policy.should_compress(data):
-            started = time.monotonic()
+            started = monotonic()
             packed = zlib.compress(data, ZLIB_LEVEL)
-            self.policy.note_compress(len(data), len(packed), time.monotonic() - started)
+            self.policy.note_compress(len(data), len(packed), monotonic() - started)
             if len(packed) <= len(data) * (1 - ZLIB_MIN_SAVING):
                 return DATA_ZLIB, (digest, packed)
         return 0, (digest, data)
@@ -587,9 +737,9 @@ class Agent(object):
             raise Invalid("hash: bad body")
         handle, offset, length, chunk = HASH_BODY.unpack(body)
         if not MIN_HASH_CHUNK <= chunk <= MAX_HASH_CHUNK:
-            raise Invalid("hash: chunk {} outside {}..{}".format(chunk, MIN_HASH_CHUNK, MAX_HASH_CHUNK))
+            raise Invalid("hash: chunk %d outside %d..%d" % (chunk, MIN_HASH_CHUNK, MAX_HASH_CHUNK))
         if length > MAX_HASH_SPAN or -(-length // chunk) > MAX_HASH_CHUNKS:
-            raise Invalid("hash: {} bytes in chunks of {} is too many".format(length, chunk))
+            raise Invalid("hash: %d bytes in chunks of %d is too many" % (length, chunk))
         dev = self.device(handle)
         dev.check_range(offset, length)
         out = []
@@ -620,10 +770,10 @@ class Agent(object):
         mountpoint = self.mountpoint(args)
         timeout = args.get("timeout", 60)
         if not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_FREEZE_SECONDS:
-            raise Invalid("freeze: timeout must be 1..{} seconds".format(MAX_FREEZE_SECONDS))
+            raise Invalid("freeze: timeout must be 1..%d seconds" % MAX_FREEZE_SECONDS)
         with self.lock:
             if mountpoint in self.frozen:
-                raise Invalid("{} is already frozen".format(mountpoint))
+                raise Invalid("%s is already frozen" % mountpoint)
         _run(["fsfreeze", "--freeze", mountpoint])
         timer = threading.Timer(timeout, self.thaw, (mountpoint,))
         timer.daemon = True
@@ -635,16 +785,16 @@ class Agent(object):
     def op_thaw(self, args):
         mountpoint = self.mountpoint(args)
         if not self.thaw(mountpoint):
-            raise Invalid("{} is not frozen by this agent".format(mountpoint))
+            raise Invalid("%s is not frozen by this agent" % mountpoint)
         return {"thawed": mountpoint}
 
     def mountpoint(self, args):
         mp = args.get("mountpoint")
-        if not isinstance(mp, str) or not os.path.isabs(mp):
+        if not isinstance(mp, (str, TEXT)) or not os.path.isabs(mp):
             raise Invalid("an absolute mountpoint is required")
         mp = os.path.realpath(mp)
         if not any(m["mountpoint"] == mp for m in _mounts()):
-            raise Invalid("{} is not a mount point".format(mp))
+            raise Invalid("%s is not a mount point" % mp)
         return mp
 
     def thaw(self, mountpoint):
@@ -656,19 +806,19 @@ class Agent(object):
         try:
             _run(["fsfreeze", "--unfreeze", mountpoint])
         except Failed as exc:
-            sys.stderr.write("p2v-agent: {}\n".format(exc))
+            sys.stderr.write("p2v-agent: %s\n" % exc)
         return True
 
     def op_snapshot(self, args):
         """An LVM snapshot of a logical volume, when its volume group has room for it."""
         device = args.get("device")
-        if not isinstance(device, str) or not device.startswith("/dev/"):
+        if not isinstance(device, (str, TEXT)) or not device.startswith("/dev/"):
             raise Invalid("snapshot: a /dev path of a logical volume is required")
         fields = _run(
             ["lvs", "--noheadings", "--nosuffix", "--units", "b", "-o", "vg_name,lv_name,lv_size", device]
         ).split()
         if len(fields) != 3:
-            raise Failed("{} is not an LVM logical volume".format(device))
+            raise Failed("%s is not an LVM logical volume" % device)
         vg, lv, lv_size = fields[0], fields[1], int(fields[2])
         free = int(_run(["vgs", "--noheadings", "--nosuffix", "--units", "b", "-o", "vg_free", vg]).split()[0])
         want = args.get("size")
@@ -676,11 +826,11 @@ class Agent(object):
             want = max(min(lv_size // 10, 8 << 30), 64 << 20)
         if free < want:
             raise Failed(
-                "volume group {} has {} bytes free; a snapshot of {} needs {}".format(vg, free, device, want)
+                "volume group %s has %d bytes free; a snapshot of %s needs %d" % (vg, free, device, want)
             )
-        name = "p2v-snap-{}-{}".format(os.getpid(), len(self.snapshots) + 1)
-        _run(["lvcreate", "-q", "-s", "-n", name, "-L", "{}b".format(want), "{}/{}".format(vg, lv)], timeout=120)
-        snap = "/dev/{}/{}".format(vg, name)
+        name = "p2v-snap-%d-%d" % (os.getpid(), len(self.snapshots) + 1)
+        _run(["lvcreate", "-q", "-s", "-n", name, "-L", "%db" % want, "%s/%s" % (vg, lv)], timeout=120)
+        snap = "/dev/%s/%s" % (vg, name)
         with self.lock:
             self.snapshots.append(snap)
         return {"snapshot": snap, "size": want, "origin": device}
@@ -689,7 +839,7 @@ class Agent(object):
         snap = args.get("snapshot")
         with self.lock:
             if snap not in self.snapshots:
-                raise Invalid("{} was not made by this agent".format(snap))
+                raise Invalid("%s was not made by this agent" % snap)
             self.snapshots.remove(snap)
         _run(["lvremove", "-q", "-f", snap], timeout=120)
         return {"dropped": snap}
@@ -711,7 +861,7 @@ class Agent(object):
             try:
                 _run(["lvremove", "-q", "-f", snap], timeout=120)
             except Failed as exc:
-                sys.stderr.write("p2v-agent: {}\n".format(exc))
+                sys.stderr.write("p2v-agent: %s\n" % exc)
         self.snapshots = []
 
 
@@ -727,13 +877,13 @@ def main():
     wfile = getattr(sys.stdout, "buffer", sys.stdout)
     # nothing else may write to the protocol stream: send stray prints to stderr
     sys.stdout = sys.stderr
-    started = time.monotonic()
-    agent = Agent(rfile, wfile, workers=min(8, max(2, os.cpu_count() or 2)))
+    started = monotonic()
+    agent = Agent(rfile, wfile, workers=min(8, max(2, cpu_count())))
     try:
         agent.serve()
     except KeyboardInterrupt:
         pass
-    sys.stderr.write("p2v-agent: done after {:.1f}s\n".format(time.monotonic() - started))
+    sys.stderr.write("p2v-agent: done after %.1fs\n" % (monotonic() - started))
 
 
 if __name__ == "__main__":

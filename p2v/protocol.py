@@ -196,10 +196,12 @@ def agent_command(source_length: int, *, python: str = "python3", sudo: bool = F
     stdin and runs it. Nothing is written to the server's disks and no secret is on this
     line (it shows in the server's process list).
     """
+    # the same line for Python 2 and 3: no stdin.buffer in 2, and exec is a statement
+    # there, while eval runs a code object compiled for 'exec' under both
     loader = (
         "import sys;"
-        f"exec(compile(sys.stdin.buffer.read({int(source_length)}),'p2v-agent','exec'),"
-        "{'__name__':'__main__'})"
+        f"eval(compile(getattr(sys.stdin,'buffer',sys.stdin).read({int(source_length)}),"
+        "'p2v-agent','exec'),{'__name__':'__main__'})"
     )
     argv = [python, "-c", loader]
     if sudo:
