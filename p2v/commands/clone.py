@@ -126,6 +126,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-j", "--concurrency", type=int, help="servers at a time (overrides the file)")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--broker", metavar="URL", help="submit to `p2v worker`s on redis://HOST:PORT/N and follow"
+    )
+    p.add_argument("--wave", type=int, default=1, help="with --broker: start at wave N")
     p.set_defaults(func=cmd_run)
 
 
@@ -252,6 +256,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from p2v import job
 
+    if args.broker:
+        from p2v.commands.fleet import run_fleet
+
+        return run_fleet(args)
     res = job.run_job(
         args.job,
         action="sync" if args.sync else "clone",

@@ -1,0 +1,136 @@
+"""Fleet commands: `p2v worker` (serve a broker's tasks) and `p2v status` (a plan's
+progress, as text, JSON or a small web page). `p2v run PLAN --broker` lives with `run` in
+commands/clone.py. Thin: parse, call p2v.fleet, print."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from p2v.output import human_size, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="run fleet tasks from a Redis broker on this host",
+        description=(
+            "Serve clone and cut-over tasks of fleet plans submitted with "
+            "`p2v run PLAN --broker URL`. Run one per worker host."
+        ),
+    )
+    p.add_argument("--broker", required=True, metavar="URL", help="redis://HOST:PORT/N")
+    p.add_argument("--concurrency", type=int, default=2, help="servers at a time (default 2)")
+    p.add_argument("--spool", metavar="DIR", help="where worker-local outputs go")
+    p.add_argument(
+        "--lease-seconds", type=float, default=60.0, help="output lease lifetime (default 60)"
+    )
+    p.add_argument(
+        "--visibility-timeout",
+        type=float,
+        help="seconds before a dead worker's task is handed to another (default 3600)",
+    )
+    p.add_argument(
+        "--retry-delays",
+        default="5,15,45",
+        help="seconds between attempts to reach an unreachable source (default 5,15,45)",
+    )
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "status",
+        help="show a fleet plan's progress",
+        description="Each server's step, bytes done, throughput, ETA and last error.",
+    )
+    p.add_argument("plan", nargs="?", metavar="PLAN.yaml")
+    p.add_argument("--broker", metavar="URL", help="redis://HOST:PORT/N (default: the plan's)")
+    p.add_argument("--serve", metavar="HOST:PORT", help="serve a status page instead")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from p2v.fleet.worker import run_worker
+
+    try:
+        delays = tuple(float(d) for d in args.retry_delays.split(",") if d.strip())
+    except ValueError as exc:
+        raise ValueError(f"--retry-delays {args.retry_delays!r}: expected seconds,...") from exc
+    return run_worker(
+        args.broker,
+        concurrency=args.concurrency,
+        spool=args.spool,
+        lease_seconds=args.lease_seconds,
+        visibility_timeout=args.visibility_timeout,
+        retry_delays=delays,
+    )
+
+
+def _broker(args: argparse.Namespace, plan_broker: str | None) -> str:
+    broker = args.broker or plan_broker or os.environ.get("P2V_BROKER")
+    if not broker:
+        raise ValueError("no broker: pass --broker redis://HOST:PORT/N (or set P2V_BROKER)")
+    return broker
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from p2v.fleet.status import plan_status
+
+    if args.serve:
+        from p2v.fleet.page import serve
+
+        return serve(args.serve, _broker(args, None))
+    if not args.plan:
+        raise ValueError("name a PLAN.yaml, or --serve HOST:PORT")
+    from p2v.job import load_plan
+
+    plan = load_plan(args.plan)
+    status = plan_status(plan, _broker(args, plan.broker))
+    if args.output == "json":
+        print_json(status)
+        return 0
+    print_status(status)
+    return 0
+
+
+def print_status(status) -> None:
+    for w in status.waves:
+        print(f"{w.name}: {w.done} done, {w.failed} failed, {w.running} running of {w.servers}")
+        for s in (s for s in status.servers if s.wave == w.index):
+            line = f"  {s.name}: {s.state} ({s.step})"
+            if s.bytes_total:
+                line += f" {human_size(s.bytes_done)} of {human_size(s.bytes_total)}"
+            if s.throughput:
+                line += f", {human_size(int(s.throughput))}/s"
+            if s.eta_seconds is not None:
+                line += f", ETA {s.eta_seconds:.0f}s"
+            if s.error:
+                line += f": {s.error}"
+            print(line)
+
+
+def run_fleet(args: argparse.Namespace) -> int:
+    """`p2v run PLAN --broker URL`: the plan's waves submitted to the workers, followed
+    until the last wave ends."""
+    from p2v.fleet.controller import run_plan
+    from p2v.job import load_plan
+
+    plan = load_plan(args.job)  # a malformed plan stops here: nothing is submitted
+    seen: dict[str, str] = {}
+
+    def on_update(status) -> None:
+        if args.output == "json":
+            return
+        for s in status.servers:
+            if seen.get(s.name) != (s.state, s.step):
+                seen[s.name] = (s.state, s.step)
+                print(
+                    f"{s.name}: {s.state} ({s.step}){': ' + s.error if s.error else ''}", flush=True
+                )
+
+    status = run_plan(plan, args.broker, first_wave=args.wave - 1, on_update=on_update)
+    if args.output == "json":
+        print_json(status)
+    else:
+        print_status(status)
+    return 1 if any(s.state == "failed" for s in status.servers) else 0

@@ -1,0 +1,275 @@
+"""The fleet's tasks: a server's clone, then its cut-over steps, each a Celery task with its
+own state in the status store. Names read as what they do (`p2v.clone`, `p2v.cutover`)
+and each message carries the server's name, so Flower shows them as such.
+
+A task's arguments carry no secret: a server's password travels as the name of an
+environment variable (password_env) that each worker must have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import time
+from typing import Any
+
+from p2v.clone import CloneOptions, SyncOptions, clone, sync
+from p2v.job import ServerJob
+from p2v.ssh import ConnectError, ConnectOptions, connect
+
+from .app import app
+from .lease import Lease
+from .status import DONE, FAILED, RUNNING, Store
+
+log = logging.getLogger(__name__)
+
+#: set by `p2v worker`: where worker-local outputs go, how long a lease lives, the waits
+#: between attempts to reach an unreachable source
+SETTINGS: dict[str, Any] = {"spool": None, "lease_seconds": 60.0, "retry_delays": (5, 15, 45)}
+#: status updates while copying, at most this often
+PROGRESS_SECONDS = 1.0
+
+
+class StepFailed(Exception):
+    """A step that cannot be done; its one-line reason is in the status."""
+
+
+def encode_server(job: ServerJob) -> dict[str, Any]:
+    """A server's task argument (JSON): its connection and clone options, no secret."""
+    return dataclasses.asdict(job)
+
+
+def decode_server(spec: dict[str, Any]) -> ServerJob:
+    spec = dict(spec)
+    spec["connect"] = ConnectOptions(**spec["connect"])
+    spec["clone"] = CloneOptions(**spec["clone"])
+    return ServerJob(**spec)
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _store() -> Store:
+    from .app import redis_client
+
+    return Store(redis_client(app.conf.broker_url))
+
+
+def _outdir(pid: str, job: ServerJob, shared: bool) -> str:
+    if shared:
+        return job.outdir
+    spool = SETTINGS["spool"]
+    if not spool:
+        raise StepFailed(
+            "the plan's output is worker-local (shared: false): start the worker with --spool DIR"
+        )
+    return os.path.join(spool, pid, job.name)
+
+
+def _fail(store: Store, pid: str, name: str, step: str, reason: str) -> StepFailed:
+    reason = " ".join(reason.split())
+    log.error("%s: %s failed: %s", name, step, reason)
+    store.step(pid, name, step, FAILED, reason)
+    return StepFailed(f"{name}: {step}: {reason}")
+
+
+def _check_password(job: ServerJob) -> None:
+    var = job.connect.password_env
+    if var and var not in os.environ:
+        raise StepFailed(
+            f"worker {socket.gethostname()} has no {var} in its environment (password_env)"
+        )
+
+
+@app.task(bind=True, name="p2v.clone", acks_late=True, reject_on_worker_lost=True)
+def clone_server(
+    self, pid: str, server: dict[str, Any], shared: bool = True, not_after: float | None = None
+) -> dict[str, Any]:
+    """Clone one server into its output, resuming a partial one, under the output's lease."""
+    job = decode_server(server)
+    store = _store()
+    if store.step_state(pid, job.name, "clone") == DONE:
+        return {"server": job.name, "step": "clone", "state": DONE, "again": True}
+    if not_after is not None and time.time() > not_after:
+        raise _fail(store, pid, job.name, "clone", "the plan's window closed before it started")
+    try:
+        _check_password(job)
+        outdir = _outdir(pid, job, shared)
+    except StepFailed as exc:
+        raise _fail(store, pid, job.name, "clone", str(exc)) from exc
+    lease = Lease(
+        store.redis,
+        f"p2v:lease:{pid}:{job.name}",
+        ttl=SETTINGS["lease_seconds"],
+        owner=f"{_worker_name()}:{self.request.id}",
+    )
+    if not lease.acquire():
+        # another worker writes this output (a task delivered twice, or a worker that
+        # stalled): come back once its lease may have lapsed
+        log.info("%s: output leased by %s; retrying later", job.name, lease.holder())
+        raise self.retry(countdown=max(1.0, lease.ttl / 2), max_retries=None)
+    try:
+        store.update(pid, job.name, worker=_worker_name(), output=outdir)
+        store.step(pid, job.name, "clone", RUNNING)
+        result = _clone_with_retries(store, pid, job, outdir, lease)
+    finally:
+        lease.release()
+    fields: dict[str, Any] = {"bytes_done": sum(d.size for d in result.disks)}
+    fields["bytes_total"] = fields["bytes_done"]
+    if result.definition:
+        fields["definition"] = result.definition
+    store.update(pid, job.name, **fields)
+    store.step(pid, job.name, "clone", DONE)
+    return {"server": job.name, "step": "clone", "state": DONE, "output": outdir}
+
+
+def _clone_with_retries(store: Store, pid: str, job: ServerJob, outdir: str, lease: Lease):
+    delays = list(SETTINGS["retry_delays"])
+    attempt = 0
+    while True:
+        try:
+            return clone(
+                job.connect,
+                outdir,
+                job.clone,
+                progress_factory=_progress(store, pid, job.name, lease),
+            )
+        except ConnectError as exc:
+            if attempt >= len(delays):
+                raise _fail(
+                    store,
+                    pid,
+                    job.name,
+                    "clone",
+                    f"unreachable after {attempt + 1} attempts: {exc}",
+                ) from exc
+            delay = delays[attempt]
+            attempt += 1
+            store.update(
+                pid, job.name, error=f"unreachable, attempt {attempt + 1} in {delay}s: {exc}"
+            )
+            time.sleep(delay)
+        except StepFailed:
+            raise
+        except Exception as exc:
+            raise _fail(store, pid, job.name, "clone", str(exc) or type(exc).__name__) from exc
+
+
+def _progress(store: Store, pid: str, name: str, lease: Lease):
+    """A clone progress factory that checks the lease before each write and records bytes
+    done in the status (completed disks plus the current one)."""
+    totals = {"base": 0, "started": 0.0, "last": 0.0}
+
+    @contextlib.contextmanager
+    def factory(label: str, total: int):
+        def update(done: int, total_: int) -> None:
+            lease.check()
+            now = time.time()
+            if not totals["started"]:
+                totals["started"] = now
+                store.update(pid, name, copy_started=now, copy_from=totals["base"] + done)
+            if now - totals["last"] >= PROGRESS_SECONDS:
+                totals["last"] = now
+                store.update(
+                    pid, name, bytes_done=totals["base"] + done, bytes_total=totals["base"] + total_
+                )
+
+        yield update
+        totals["base"] += total
+
+    return factory
+
+
+@app.task(bind=True, name="p2v.cutover", acks_late=True, reject_on_worker_lost=True)
+def cutover_step(
+    self, pid: str, server: dict[str, Any], step: str, shared: bool = True
+) -> dict[str, Any]:
+    """One cut-over step of one server: sync, shutdown, convert or start."""
+    job = decode_server(server)
+    store = _store()
+    if store.step_state(pid, job.name, step) == DONE:
+        return {"server": job.name, "step": step, "state": DONE, "again": True}
+    store.step(pid, job.name, step, RUNNING)
+    try:
+        outdir = _outdir(pid, job, shared)
+        STEPS[step](store, pid, job, outdir)
+    except StepFailed as exc:
+        raise _fail(store, pid, job.name, step, str(exc)) from exc
+    except Exception as exc:
+        raise _fail(store, pid, job.name, step, str(exc) or type(exc).__name__) from exc
+    store.step(pid, job.name, step, DONE)
+    return {"server": job.name, "step": step, "state": DONE}
+
+
+def _sync(store: Store, pid: str, job: ServerJob, outdir: str) -> None:
+    _check_password(job)
+    opts = SyncOptions(
+        compress=job.clone.compress, python=job.clone.python, max_bandwidth=job.clone.max_bandwidth
+    )
+    sync(job.connect, outdir, opts)
+
+
+def _shutdown(store: Store, pid: str, job: ServerJob, outdir: str) -> None:
+    _check_password(job)
+    session = connect(job.connect)
+    try:
+        # the connection may drop as the server goes down: that is the step succeeding
+        with contextlib.suppress(ConnectError, EOFError, OSError):
+            session.run(job.shutdown_command, check=True, timeout=120)
+    finally:
+        with contextlib.suppress(Exception):
+            session.close()
+
+
+def _convert(store: Store, pid: str, job: ServerJob, outdir: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("drivers.guest") is None:
+        raise StepFailed("guest conversion unavailable (drivers.guest is not in this p2v)")
+    from drivers import guest  # landing in parallel (issue 18): its public entry point
+
+    convert = getattr(guest, "convert_guest", None)
+    if convert is None:
+        raise StepFailed("guest conversion unavailable (drivers.guest has no convert_guest)")
+    images = [
+        os.path.join(outdir, e)
+        for e in sorted(os.listdir(outdir))
+        if e.endswith((".qcow2", ".raw", ".vmdk", ".vhd", ".vhdx", ".vdi"))
+    ]
+    convert(images, job.clone.target)
+
+
+def _start(store: Store, pid: str, job: ServerJob, outdir: str) -> None:
+    definition = store.server(pid, job.name).get("definition")
+    if not definition or not definition.endswith(".xml"):
+        raise StepFailed("no libvirt definition was written (the server's target must be kvm)")
+    name = _domain_name(definition)
+    # one virsh session: define, then start (libvirt's test:// driver keeps state per
+    # connection)
+    script = f"define {shlex.quote(definition)}; start {shlex.quote(name)}"
+    res = subprocess.run(
+        ["virsh", "-q", "-c", job.libvirt_uri or "", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if res.returncode:
+        raise StepFailed(f"virsh: {res.stderr.strip() or res.stdout.strip()}")
+
+
+def _domain_name(path: str) -> str:
+    from defusedxml import ElementTree
+
+    name = ElementTree.parse(path).getroot().findtext("name")
+    if not name:
+        raise StepFailed(f"{path}: no domain name")
+    return name
+
+
+STEPS = {"sync": _sync, "shutdown": _shutdown, "convert": _convert, "start": _start}

@@ -1,0 +1,247 @@
+"""Fleets end to end: a real redis-server on 127.0.0.1 (random port, temporary directory,
+append-only), real `p2v worker` processes, a real sshd serving the sources' disks, and
+qemu-img compare as the judge of every output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.external import need_tool
+from tests.p2v.disks import striped_disk
+from tests.p2v.sshd import free_port
+
+MiB = 1 << 20
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+#: generous: a loaded machine makes these tests slower, never red
+DEADLINE = 600
+
+
+class Redis:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        log = open(os.path.join(self.root, "redis.log"), "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                self.root,
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ],
+            stdout=log,
+            stderr=log,
+        )
+        deadline = time.monotonic() + 30
+        while not self.ping():
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.1)
+
+    def ping(self) -> bool:
+        return (
+            subprocess.run(
+                ["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True
+            ).stdout.strip()
+            == "PONG"
+        )
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: redis writes its append-only file and exits
+            self.proc.wait(30)
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    need_tool("redis-server", "redis-cli")
+    root = tmp_path / "redis"
+    root.mkdir()
+    server = Redis(str(root))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def p2v(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, **kw.pop("env", {})}
+    return subprocess.run(
+        [sys.executable, "-m", "p2v", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=DEADLINE,
+        **kw,
+    )
+
+
+class Workers:
+    def __init__(self, broker: str, root: str) -> None:
+        self.broker = broker
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+
+    def start(
+        self,
+        n: int = 1,
+        *,
+        env: dict[str, str] | None = None,
+        concurrency: int = 2,
+        lease: float = 4,
+        visibility: float = 8,
+    ) -> list[subprocess.Popen]:
+        started = []
+        for _ in range(n):
+            i = len(self.procs)
+            spool = os.path.join(self.root, f"spool{i}")
+            log = open(os.path.join(self.root, f"worker{i}.log"), "ab")  # noqa: SIM115
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "p2v",
+                    "worker",
+                    "--broker",
+                    self.broker,
+                    "--concurrency",
+                    str(concurrency),
+                    "--spool",
+                    spool,
+                    "--lease-seconds",
+                    str(lease),
+                    "--visibility-timeout",
+                    str(visibility),
+                    "--retry-delays",
+                    "0.5,0.5",
+                ],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )
+            self.procs.append(proc)
+            started.append(proc)
+        return started
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            self.kill(proc)
+
+    def logs(self) -> str:
+        out = []
+        for i in range(len(self.procs)):
+            with open(os.path.join(self.root, f"worker{i}.log"), errors="replace") as f:
+                out.append(f.read()[-3000:])
+        return "\n".join(out)
+
+
+@pytest.fixture
+def workers(redis_server, tmp_path):
+    root = tmp_path / "workers"
+    root.mkdir()
+    pool = Workers(redis_server.url, str(root))
+    try:
+        yield pool
+    finally:
+        pool.stop()
+
+
+def write_plan(tmp_path, sshd, waves: list[list[dict]], **top) -> str:
+    """A plan whose servers are disks served by the test sshd (each its own source)."""
+    doc = {
+        "output": str(tmp_path / "out"),
+        "defaults": {
+            "host": f"root@{sshd.host}",
+            "port": sshd.port,
+            "identity": sshd.user_key,
+            "known_hosts": sshd.known_hosts,
+            "format": "raw",
+            "compress": "none",
+            "verify": True,
+        },
+        "waves": [{"name": f"wave{i + 1}", "servers": w} for i, w in enumerate(waves)],
+        **top,
+    }
+    path = tmp_path / "plan.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return str(path)
+
+
+def sources(tmp_path, n: int, size_mib: int = 24) -> list[str]:
+    root = tmp_path / "sources"
+    root.mkdir(exist_ok=True)
+    return [striped_disk(str(root / f"disk{i}.raw"), size_mib, seed=i) for i in range(n)]
+
+
+def output_of(tmp_path, name: str, disk: str) -> str:
+    return str(tmp_path / "out" / name / os.path.basename(disk))
+
+
+def assert_same(src: str, out: str) -> None:
+    res = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", src, out], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def status_json(plan: str, broker: str) -> dict:
+    res = p2v("status", plan, "--broker", broker, "--output", "json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_two_waves_on_three_workers_clone_six_sources(sshd, workers, redis_server, tmp_path):
+    need_tool("qemu-img")
+    disks = sources(tmp_path, 6)
+    servers = [{"name": f"s{i}", "disks": [d]} for i, d in enumerate(disks)]
+    plan = write_plan(tmp_path, sshd, [servers[:3], servers[3:]])
+    workers.start(3)
+    res = p2v("run", plan, "--broker", redis_server.url)
+    assert res.returncode == 0, res.stdout + res.stderr + workers.logs()
+    for i, d in enumerate(disks):
+        assert_same(d, output_of(tmp_path, f"s{i}", d))
+    status = status_json(plan, redis_server.url)
+    assert [s["state"] for s in status["servers"]] == ["done"] * 6
+    assert [(w["done"], w["failed"]) for w in status["waves"]] == [(3, 0), (3, 0)]
+    # wave 2 started after wave 1 ended: every wave-2 copy began after the last wave-1
+    # server's record was last updated
+    r = redis_server.client()
+    pid = status["plan"]
+    ends = [float(r.hget(f"p2v:plan:{pid}:server:s{i}", "updated")) for i in range(3)]
+    starts = [float(r.hget(f"p2v:plan:{pid}:server:s{i}", "copy_started")) for i in range(3, 6)]
+    assert min(starts) >= max(ends)
