@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from celery import Celery
+try:
+    from celery import Celery
+except ImportError as exc:  # an optional part: `p2v run` without --broker needs none of it
+    raise ImportError("p2v's fleet needs Celery with Redis: pip install 'p2v[fleet]'") from exc
 
 app = Celery("p2v", include=["p2v.fleet.tasks"])
 
