@@ -1,7 +1,9 @@
 """Comparing two images as a guest sees them (qemu-img compare's semantics).
 
 Ranges both maps call zero are skipped unread; a size difference is allowed when the
-larger image's extra range reads as zeros (qemu-img compare without -s).
+larger image's extra range reads as zeros (qemu-img compare without -s). Strict (-s), as
+qemu-img's: different sizes differ, and so does a range one map calls data and the other
+zero, whatever its bytes.
 """
 
 from __future__ import annotations
@@ -53,14 +55,30 @@ def _first_nonzero_data(img: Image, start: int) -> int | None:
     return None
 
 
+def _status_mismatch(a: Image, b: Image) -> int | None:
+    """The first offset the two maps disagree on (data against zero), or None."""
+    for start, _n, ka, kb in overlay(a.extents(0, a.size), b.extents(0, b.size)):
+        if ka != kb:
+            return start
+    return None
+
+
 def compare_images(
     a: Image,
     b: Image,
     *,
-    strict_size: bool = False,
+    strict: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> CompareResult:
     common = min(a.size, b.size)
+    if strict:
+        # qemu-img checks these before any content
+        if a.size != b.size:
+            return CompareResult(False, common, a.size, b.size, "Strict mode: Image size mismatch!")
+        where = _status_mismatch(a, b)
+        if where is not None:
+            msg = f"Strict mode: Offset {where} block status mismatch!"
+            return CompareResult(False, where, a.size, b.size, msg)
 
     def fetch(rng: tuple[int, int]) -> tuple[int, bytes, bytes]:
         off, n = rng
@@ -77,8 +95,6 @@ def compare_images(
             if progress is not None:
                 progress(off + len(x), common)
     if a.size != b.size:
-        if strict_size:
-            return CompareResult(False, common, a.size, b.size, "Image size mismatch!")
         larger = a if a.size > b.size else b
         extra = _first_nonzero_data(larger, common)
         if extra is not None:

@@ -179,6 +179,7 @@ class ConvertRequest:
     table: str = "gpt"
     skip_unused: bool = False
     workers: int | None = None
+    share: bool = True
 
 
 def run_convert(req: ConvertRequest, progress=None) -> ConvertStats:
@@ -215,4 +216,5 @@ def run_convert(req: ConvertRequest, progress=None) -> ConvertStats:
             workers=req.workers,
             only=only,
             sources=tuple(src.files()),
+            share=req.share,
         )

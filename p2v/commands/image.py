@@ -63,6 +63,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="copy only blocks the filesystems use (like partclone)",
     )
+    # blocks are shared with the source wherever the filesystem can (formats/transfer.py)
+    p.add_argument(
+        "--no-share",
+        dest="share",
+        action="store_false",
+        help="copy every byte, even where the output could share the source's blocks",
+    )
+    p.add_argument(
+        "-C", dest="copy_offload", action="store_true", help="accepted for qemu-img: the default"
+    )
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("src")
     p.add_argument("dst")
@@ -190,11 +200,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
         table=args.table,
         skip_unused=args.skip_unused,
         workers=args.workers,
+        share=args.share,
     )
     with byte_bar("convert", args.progress) as progress:
         stats = images.run_convert(req, progress)
     if args.output == "json":
         print_json(stats)
+    else:
+        print(
+            f"{human_size(stats.bytes_written)} of data: {human_size(stats.bytes_shared)} "
+            f"shared, {human_size(stats.bytes_copied_in_kernel)} copied in the kernel, "
+            f"{human_size(stats.bytes_copied)} copied"
+        )
     return 0
 
 
