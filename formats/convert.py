@@ -27,11 +27,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .errors import FormatError
 from .extents import Extent, Kind, coalesce, from_ranges, intersect_data, overlay, union_data
 from .fileio import contiguous, preallocate, punch_hole, pwritev_all, start_writeback
-from .image import Image, PendingWrite
+from .image import Image, Location, PendingWrite
 from .mapped import MappedFile
+from .transfer import Mover, output_device, shares_blocks
 from .zeros import differ_mask, mask_runs, nonzero_mask
 
 #: bytes read per task, as qemu-img's requests (writes never cover whole 2 MiB-aligned
@@ -55,6 +58,11 @@ class ConvertStats:
     bytes_skipped: int = 0
     #: read through a mapping of the source (formats/mapped.py) instead of a buffer
     bytes_mapped: int = 0
+    #: how the data reached the output (formats/transfer.py): blocks shared with the
+    #: source, copied by the kernel, copied through this process's memory
+    bytes_shared: int = 0
+    bytes_copied_in_kernel: int = 0
+    bytes_copied: int = 0
     seconds: float = 0.0
     output: str | None = None
     output_format: str | None = None
@@ -70,6 +78,8 @@ class _Piece:
     zero_runs: list[tuple[int, int]] = field(default_factory=list)
     read: int = 0
     buffers: list[mmap.mmap] = field(default_factory=list)
+    #: runs stored plainly in a source file on the output's filesystem: moved, not read
+    moves: list[Location] = field(default_factory=list)
     mapped: bool = False  # the data is a view of the source's mapping, given back once written
 
 
@@ -146,6 +156,7 @@ class _Engine:
         workers: int,
         chunk: int,
         progress: Progress | None,
+        share: bool = True,
     ) -> None:
         if dst.size < src.size:
             raise FormatError(f"target size {dst.size} is smaller than the source's {src.size}")
@@ -161,6 +172,22 @@ class _Engine:
         self.unsynced: dict[int, int] = {}
         self.data_writer = _DataWriter(dst)
         self.views: MappedFile | None = None
+        self.mover = Mover()
+        self.moved = 0
+        self.placer = _Placer(dst, self.chunk) if self._moves_runs(share) else None
+        self.dst_dev = output_device(dst.files()[0]) if self.placer is not None else -1
+
+    def _moves_runs(self, share: bool) -> bool:
+        """Whether runs stored plainly in a source file on the output's filesystem are
+        moved there without being read: where that filesystem shares blocks, which costs
+        neither time nor space. Elsewhere reading pays: zero detection keeps the output
+        sparse, which a copy in the kernel cannot. A backing image to compare with, an
+        output that compresses or takes writes in order only, must read every byte."""
+        dst = self.dst
+        if not share or self.backing is not None or dst.encodes or dst.is_sequential:
+            return False
+        files = dst.files()
+        return bool(files) and shares_blocks(os.path.dirname(os.path.abspath(files[0])))
 
     @functools.cached_property
     def zgrain(self) -> int:
@@ -179,10 +206,31 @@ class _Engine:
         return mv
 
     def _work(self, rng: Extent) -> _Piece:
+        piece = _Piece(rng.start, rng.length)
+        if self.placer is None:
+            self._read(piece, rng)
+            return piece
+        todo: Extent | None = None  # neighbouring runs that must be read, read at once
+        for loc in self.src.locate(rng.start, rng.length):
+            if loc.fd is not None and self.mover.can_move(loc.fd, self.dst_dev):
+                if todo is not None:
+                    self._read(piece, todo)
+                    todo = None
+                piece.moves.append(loc)
+            elif todo is None:
+                todo = Extent(loc.start, loc.length, Kind.DATA)
+            else:
+                todo = Extent(todo.start, loc.start + loc.length - todo.start, Kind.DATA)
+        if todo is not None:
+            self._read(piece, todo)
+        return piece
+
+    def _read(self, piece: _Piece, rng: Extent) -> None:
+        """Read `rng` of the piece's chunk; hand its non-zero runs (encoded) to the piece."""
         n = rng.length
-        piece = _Piece(rng.start, n, read=n)
+        piece.read += n
         zg = self.zgrain
-        mv = self._view(piece)
+        mv = self._view(piece) if rng.length == piece.length else None
         if mv is None:
             mv = self._buffer(piece, n)
             self.src.readinto(rng.start, mv[:n])
@@ -204,7 +252,6 @@ class _Engine:
             s, e = self._span(rng, first, count)
             data = mv[s - rng.start : e - rng.start]
             piece.runs.append((s, self.dst.encode(s, data), e - s))
-        return piece
 
     def _view(self, piece: _Piece) -> memoryview | None:
         """The chunk's bytes straight from the source's mapping, when it has one and the
@@ -244,19 +291,43 @@ class _Engine:
         self.stats.bytes_read += piece.read
         if piece.mapped:
             self.stats.bytes_mapped += piece.read
+        for loc in piece.moves:
+            assert self.placer is not None
+            placed, writes = self.placer.place(loc)
+            if placed:
+                pending += writes
+                self.moved += loc.length
+            else:
+                self._write_read_back(loc, writes)
+            self.stats.bytes_written += loc.length
+        piece.moves.clear()
         return pending
 
-    def _issue(self, pending: list[PendingWrite], piece: _Piece) -> None:
-        self.data_writer.write(pending)  # its frame and views end before recycling
+    def _write_read_back(self, loc: Location, writes: list[PendingWrite | _Move]) -> None:
+        """A run the output did not place: the writes it asked for, then the run written
+        the ordinary way over them, at once, after the writes in flight (the output may
+        read around it)."""
+        self._reap_writes(0)
+        self.data_writer.write(writes, self.mover)
+        buf = bytearray(loc.length)
+        self.src.readinto(loc.start, buf)
+        self.dst.write(loc.start, buf)
+        self.stats.bytes_read += loc.length
+
+    def _issue(self, pending: list[PendingWrite | _Move], piece: _Piece) -> None:
+        self.data_writer.write(pending, self.mover)  # its frame and views end before recycling
         if self.dst.durable:
             self._writeback(pending)
         pending.clear()
         self._recycle(piece)
 
-    def _writeback(self, pending: list[PendingWrite]) -> None:
+    def _writeback(self, pending: list[PendingWrite | _Move]) -> None:
         """Start the kernel's writeback every WRITEBACK_EVERY bytes, so the disk works
         while we convert instead of all at the close's fsync (runs on the writer thread)."""
-        for fd, data, _ in pending:
+        for w in pending:
+            if isinstance(w, _Move):
+                continue  # nothing dirty in the page cache (a kernel copy's pages aside)
+            fd, data, _ = w
             self.unsynced[fd] = self.unsynced.get(fd, 0) + len(data)
             if self.unsynced[fd] >= WRITEBACK_EVERY:
                 self.unsynced[fd] = 0
@@ -317,6 +388,10 @@ class _Engine:
         if planned < self.src.size:
             self.stats.bytes_skipped += self.src.size - planned
             self._advance(self.src.size - planned)
+        counts = self.mover.counts
+        self.stats.bytes_shared = counts.shared
+        self.stats.bytes_copied_in_kernel = counts.copied_in_kernel
+        self.stats.bytes_copied = self.stats.bytes_written - self.moved + counts.copied
         self.stats.seconds = time.monotonic() - t0
         return self.stats
 
@@ -330,6 +405,63 @@ class _Engine:
         for f in list(done):
             inflight.remove(f)
             self._store(f.result(), pool)
+
+
+@dataclass
+class _Move:
+    """A data write whose bytes come from a source file instead of memory."""
+
+    src_fd: int
+    src_offset: int
+    fd: int
+    offset: int
+    length: int
+
+
+class _Placer:
+    """Learns where the output stores a run it has not seen: the run is written, deferred,
+    as a marker buffer, and the data writes that the output issues from slices of the
+    marker are where the run's bytes go. Its other writes (a VHD block's sector bitmap)
+    stand. A writer that copies the data instead (a partial cluster merged with what
+    surrounds it, a compressing writer) leaves the run unplaced: it is then written the
+    ordinary way, over whatever the writer put there."""
+
+    def __init__(self, dst: Image, size: int) -> None:
+        self.dst = dst
+        # not zeros, which a writer may decide to leave unwritten
+        self.marker = mmap.mmap(-1, size)
+        self.marker.write(b"\xff" * size)
+        self.base = _address(memoryview(self.marker))
+
+    def place(self, loc: Location) -> tuple[bool, list[PendingWrite | _Move]]:
+        """Whether the output took the run as slices of the marker, and the writes that
+        store it (source bytes moved); when it did not, only its other writes."""
+        assert loc.fd is not None
+        n = loc.length
+        with self.dst.deferred_writes() as pending:
+            self.dst.write(loc.start, memoryview(self.marker)[:n])
+        out: list[PendingWrite | _Move] = []
+        covered: list[tuple[int, int]] = []
+        for fd, data, offset in pending:
+            at = _address(data) - self.base
+            if at >= 0 and at + len(data) <= n and data.contiguous:
+                out.append(_Move(loc.fd, loc.offset + at, fd, offset, len(data)))
+                covered.append((at, len(data)))
+            else:
+                out.append((fd, data, offset))
+        covered.sort()
+        pos = 0
+        for at, length in covered:
+            if at != pos:
+                break
+            pos += length
+        if pos != n:
+            return False, [w for w in out if not isinstance(w, _Move)]
+        return True, out
+
+
+def _address(mv: memoryview) -> int:
+    return int(np.frombuffer(mv, np.uint8).ctypes.data) if len(mv) else -1
 
 
 #: data writes at least this long are preallocated first (smaller ones lose by it)
@@ -361,7 +493,18 @@ class _DataWriter:
         self.preallocated: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
         self.written: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
 
-    def write(self, pending: list[PendingWrite]) -> None:
+    def write(self, pending: list[PendingWrite | _Move], mover: Mover) -> None:
+        for is_move, group in itertools.groupby(pending, key=lambda w: isinstance(w, _Move)):
+            if is_move:
+                for m in group:
+                    # no preallocation: shared blocks replace whatever lies there
+                    mover.move(m.src_fd, m.src_offset, m.fd, m.offset, m.length)
+                    if self.punch_back:
+                        self.written[m.fd].append((m.offset, m.offset + m.length))
+            else:
+                self._write(list(group))
+
+    def _write(self, pending: list[PendingWrite]) -> None:
         # pieces that follow one another in a file (a VHD block's bitmap and its data) go
         # out in one pwritev
         for fd, group in itertools.groupby(pending, key=lambda w: w[0]):
@@ -433,12 +576,14 @@ def convert_image(
     backing: Image | None = None,
     only: Iterable[Extent] | None = None,
     chunk: int = CHUNK,
+    share: bool = True,
 ) -> ConvertStats:
     """Copy `src` into a freshly created `dst`.
 
     `only` restricts the copy to DATA extents of that map (e.g. blocks a filesystem uses);
     everything else reads as zeros in the output. With `backing`, the output is written as
-    an overlay: only clusters that differ from what `backing` reads are stored.
+    an overlay: only clusters that differ from what `backing` reads are stored. Without
+    `share`, every byte is read and written (no block shared with the source).
     """
     extents: Iterable[Extent] = src.extents()
     if only is not None:
@@ -455,6 +600,7 @@ def convert_image(
         workers=workers or default_workers(src, dst),
         chunk=chunk,
         progress=progress,
+        share=share,
     )
     return engine.run(extents)
 
@@ -485,6 +631,7 @@ def convert(
     only: Iterable[Extent] | None = None,
     sources: tuple[str, ...] | None = None,
     durable: bool = True,
+    share: bool = True,
 ) -> ConvertStats:
     """Convert an opened image into a new file: written as DST.partial, renamed on success
     (after an fsync unless `durable` is off)."""
@@ -511,7 +658,13 @@ def convert(
             dst_path, out_fmt, src.size, force=force, sources=sources, durable=durable, **opts
         ) as dst:
             stats = convert_image(
-                src, dst, progress=progress, workers=workers, backing=backing, only=only
+                src,
+                dst,
+                progress=progress,
+                workers=workers,
+                backing=backing,
+                only=only,
+                share=share,
             )
     finally:
         if backing is not None:

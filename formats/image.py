@@ -43,6 +43,18 @@ class CheckResult:
         return 0
 
 
+@dataclass(frozen=True)
+class Location:
+    """Where `length` bytes of the virtual disk from `start` live: stored as they are at
+    `offset` of the open file `fd`, or, with fd None, not stored plainly (a hole, zeros,
+    compressed, in a backing image: only a read can tell what they hold)."""
+
+    start: int
+    length: int
+    fd: int | None = None
+    offset: int = 0
+
+
 class Image:
     """A virtual disk: `size` bytes, readable anywhere, with an extent map."""
 
@@ -100,6 +112,15 @@ class Image:
         """For the with-block, the image's bytes as a lease-guarded mapping of its file
         (formats/mapped.py), where the file is the disk byte for byte; else None."""
         return contextlib.nullcontext()
+
+    def locate(self, offset: int, n: int) -> list[Location]:
+        """Where the bytes of [offset, offset + n) live, in order, covering the range:
+        the engine shares or copies in the kernel what is stored plainly in a file."""
+        self._check_range(offset, n)
+        return list(self._locate(offset, n)) if n else []
+
+    def _locate(self, offset: int, n: int) -> Iterator[Location]:
+        yield Location(offset, n)
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
         """Coalesced DATA/ZERO extents covering [start, end) completely."""

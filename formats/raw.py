@@ -14,7 +14,7 @@ from .backing import BackingPolicy
 from .errors import FormatError
 from .extents import Extent, Kind
 from .fileio import preadinto, punch_hole
-from .image import Image
+from .image import Image, Location
 from .mapped import MappedFile, mapped
 
 FORMAT = "raw"
@@ -40,6 +40,9 @@ class RawImage(Image):
         if self.writable:  # a lease needs the file open read-only
             return contextlib.nullcontext()
         return mapped(self.fd, self.path)
+
+    def _locate(self, offset: int, n: int) -> Iterator[Location]:
+        yield Location(offset, n, self.fd, offset)
 
     def _extents(self, start: int, end: int) -> Iterator[Extent]:
         if self.is_block_device:

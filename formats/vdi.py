@@ -25,7 +25,7 @@ from .backing import BackingPolicy
 from .errors import CorruptImage, FormatError, UnsupportedFeature
 from .extents import Extent, Kind, from_cluster_kinds
 from .fileio import file_size, pread_exact, preadinto, punch_hole, pwrite_all
-from .image import CheckResult, Image
+from .image import CheckResult, Image, Location
 from .magic import VDI_SIGNATURE
 from .magic import vdi as matches  # noqa: F401  (the probe rule, re-exported)
 from .options import parse_bool, parse_choice
@@ -246,6 +246,11 @@ class VdiImage(PrescanWrites, Image):
                 part[:] = bytes(n)
             else:
                 preadinto(self.fd, part, foff)
+
+    def _locate(self, offset: int, n: int) -> Iterator[Location]:
+        self._guard()
+        for at, length, foff, _ in self._pieces(offset, n):
+            yield Location(offset + at, length, self.fd if foff >= 0 else None, max(foff, 0))
 
     def _extents(self, start: int, end: int) -> Iterator[Extent]:
         self._guard()

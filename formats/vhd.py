@@ -29,7 +29,7 @@ from .backing import BackingPolicy, open_backing, resolve
 from .errors import CorruptImage, FormatError, UnsafeImage, UnsupportedFeature
 from .extents import Extent, Kind, from_cluster_kinds
 from .fileio import file_size, pread_exact, preadinto, punch_hole, pwrite_all, write_segments
-from .image import CheckResult, Image
+from .image import CheckResult, Image, Location
 from .magic import VHD_COOKIE
 from .magic import vpc as matches  # noqa: F401  (the probe rule, re-exported)
 from .options import parse_bool, parse_choice, parse_size
@@ -39,6 +39,8 @@ from .zeros import PrescanWrites
 FORMAT = "vpc"
 
 SECTOR = 512
+#: where a block's data starts in the file: a filesystem block, so it can be shared
+DATA_ALIGN = 4096
 FOOTER_SIZE = 512
 HEADER_SIZE = 1024
 FOOTER_COOKIE = VHD_COOKIE
@@ -413,6 +415,20 @@ class SparseVhd(PrescanWrites, Image):
             pos += n
             done += n
 
+    def _locate(self, offset: int, n: int) -> Iterator[Location]:
+        self._guard()
+        bs = self.block_size
+        pos, end = offset, offset + n
+        while pos < end:
+            idx, within = divmod(pos, bs)
+            step = min(bs - within, end - pos)
+            entry = int(self.bat[idx])
+            if entry != UNALLOCATED and self._bitmap(idx) is None:  # every sector present
+                yield Location(pos, step, self.fd, entry * SECTOR + self.bitmap_size + within)
+            else:
+                yield Location(pos, step)
+            pos += step
+
     def _read_partial(self, pos: int, part: memoryview, data_off: int, bits: np.ndarray) -> None:
         bs = self.block_size
         within = pos % bs
@@ -510,7 +526,9 @@ class SparseVhd(PrescanWrites, Image):
         return packed + bytes(self.bitmap_size - len(packed))
 
     def _allocate(self, idx: int) -> int:
-        off = self.next_free
+        # the sector bitmap goes where the data after it starts on a filesystem block, so
+        # that the engine can share blocks with a source (formats/transfer.py)
+        off = self.next_free + (-(self.next_free + self.bitmap_size)) % DATA_ALIGN
         if off // SECTOR >= UNALLOCATED:
             raise UnsupportedFeature("vpc: the file would grow past 2 TiB of block offsets")
         self.bat[idx] = off // SECTOR

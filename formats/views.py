@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .errors import FormatError
 from .extents import Extent, Kind
-from .image import Image
+from .image import Image, Location
 
 
 class WindowImage(Image):
@@ -44,6 +44,10 @@ class WindowImage(Image):
     def _extents(self, start: int, end: int) -> Iterator[Extent]:
         for e in self.parent.extents(self.offset + start, self.offset + end):
             yield Extent(e.start - self.offset, e.length, e.kind)
+
+    def _locate(self, offset: int, n: int) -> Iterator[Location]:
+        for loc in self.parent.locate(self.offset + offset, n):
+            yield Location(loc.start - self.offset, loc.length, loc.fd, loc.offset)
 
     def _write(self, offset: int, data: memoryview) -> None:
         self.parent.write(self.offset + offset, data)
@@ -97,7 +101,7 @@ class CompositeImage(Image):
             self.format = images[0].format
             self.cluster_size = images[0].cluster_size
 
-    def _locate(self, start: int, end: int) -> Iterator[tuple[int, int, int, Piece]]:
+    def _overlapping(self, start: int, end: int) -> Iterator[tuple[int, int, int, Piece]]:
         """(start, end, piece start, piece) for each piece overlapping [start, end)."""
         i = max(bisect.bisect_right(self.starts, start) - 1, 0)
         while i < len(self.pieces) and self.starts[i] < end:
@@ -109,7 +113,7 @@ class CompositeImage(Image):
             i += 1
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
-        for lo, hi, base, p in self._locate(offset, offset + len(buf)):
+        for lo, hi, base, p in self._overlapping(offset, offset + len(buf)):
             out = buf[lo - offset : hi - offset]
             rel = lo - base
             if p.image is not None:
@@ -119,8 +123,17 @@ class CompositeImage(Image):
             else:
                 out[:] = bytes(len(out))
 
+    def _locate(self, offset: int, n: int) -> Iterator[Location]:
+        for lo, hi, base, p in self._overlapping(offset, offset + n):
+            if p.image is None:
+                yield Location(lo, hi - lo)
+                continue
+            shift = base - p.offset
+            for loc in p.image.locate(p.offset + lo - base, hi - lo):
+                yield Location(loc.start + shift, loc.length, loc.fd, loc.offset)
+
     def _extents(self, start: int, end: int) -> Iterator[Extent]:
-        for lo, hi, base, p in self._locate(start, end):
+        for lo, hi, base, p in self._overlapping(start, end):
             if p.image is not None:
                 shift = base - p.offset
                 for e in p.image.extents(p.offset + lo - base, p.offset + hi - base):

@@ -124,7 +124,7 @@ def compare(
     progress=None,
 ) -> CompareResult:
     with open_source(a, fmt_a) as ia, open_source(b, fmt_b) as ib:
-        return compare_images(ia, ib, strict_size=strict, progress=progress)
+        return compare_images(ia, ib, strict=strict, progress=progress)
 
 
 def map_image(path: str, fmt: str | None = None) -> list[MapEntry]:

@@ -26,7 +26,7 @@ from ..backing import BackingPolicy, open_backing, resolve
 from ..errors import CorruptImage, FormatError, UnsupportedFeature
 from ..extents import Extent, Kind, clip, runs
 from ..fileio import file_size, pread_exact, preadinto
-from ..image import Image
+from ..image import Image, Location
 from . import compression
 from . import layout as L
 from .cache import DEFAULT_CACHE_BYTES, TableCache
@@ -644,8 +644,12 @@ class Qcow2Image(Image):
     def _readinto(self, offset: int, buf: memoryview) -> None:
         self._read_mapped(offset, buf, self.l1)
 
-    def _read_mapped(self, offset: int, buf: memoryview, l1: np.ndarray) -> None:
-        n = len(buf)
+    def _runs(
+        self, offset: int, n: int, l1: np.ndarray
+    ) -> Iterator[tuple[int, int, int, int, int]]:
+        """(start, end, kind, host offset of start, descriptor) of each run of [offset,
+        offset + n) stored alike: contiguous data, zeros, unallocated, one compressed
+        cluster."""
         end = offset + n
         cb, ub = self.cluster_bits, self.unit_bits
         c0, c1 = offset >> cb, -(-end >> cb)
@@ -670,26 +674,38 @@ class Qcow2Image(Image):
         starts.append(m)
         kinds = kind[starts[:-1]].tolist()
         hosts = host[starts[:-1]].tolist()
-        pending: list[tuple[int, int, int, memoryview]] = []
-        for a, b, k, h in zip(starts[:-1], starts[1:], kinds, hosts):
+        descs = desc[starts[:-1]].tolist()
+        for a, b, k, h, d in zip(starts[:-1], starts[1:], kinds, hosts, descs):
             s = max(offset, base + a * unit)
             e = min(end, base + b * unit)
+            yield s, e, k, h + (s - (base + a * unit)), d
+
+    def _data_fd(self) -> int:
+        fd = self.data_fd if self.external else self.fd
+        if fd is None:
+            raise UnsupportedFeature(
+                f"qcow2: {self.path}: its data is in the external data file "
+                f"{self.meta.data_file_name!r}, not opened (backing files disabled)"
+            )
+        return fd
+
+    def _locate(self, offset: int, n: int) -> Iterator[Location]:
+        for s, e, k, h, _ in self._runs(offset, n, self.l1):
+            yield Location(s, e - s, self._data_fd(), h) if k == DATA else Location(s, e - s)
+
+    def _read_mapped(self, offset: int, buf: memoryview, l1: np.ndarray) -> None:
+        pending: list[tuple[int, int, int, memoryview]] = []
+        for s, e, k, h, d in self._runs(offset, len(buf), l1):
             dst = buf[s - offset : e - offset]
             if k == DATA:
-                fd = self.data_fd if self.external else self.fd
-                if fd is None:
-                    raise UnsupportedFeature(
-                        f"qcow2: {self.path}: its data is in the external data file "
-                        f"{self.meta.data_file_name!r}, not opened (backing files disabled)"
-                    )
-                preadinto(fd, dst, h + (s - (base + a * unit)))
+                preadinto(self._data_fd(), dst, h)
             elif k == ZERO:
                 _zero(dst)
             elif k == UNALLOCATED:
                 self._read_below(s, dst)
             else:
                 cstart = (s >> self.cluster_bits) << self.cluster_bits
-                pending.append((int(desc[a]), s - cstart, 0, dst))
+                pending.append((d, s - cstart, 0, dst))
         if pending:
             self._read_compressed(pending)
 

@@ -20,7 +20,7 @@ from ..backing import BackingPolicy, open_backing, resolve
 from ..errors import CorruptImage, FormatError, UnsafeImage, UnsupportedFeature
 from ..extents import Extent, Kind, from_cluster_kinds, runs
 from ..fileio import file_size, preadinto, punch_hole, pwrite_all
-from ..image import CheckResult, Image
+from ..image import CheckResult, Image, Location
 from ..options import parse_bool, parse_choice, parse_size
 from ..zeros import PrescanWrites
 from . import layout as L
@@ -193,6 +193,24 @@ class VhdxImage(PrescanWrites, Image):
             done += n
         if run_file >= 0:
             self._file_read(run_file, buf[run_at : run_at + run_len])
+
+    def _locate(self, offset: int, n: int) -> Iterator[Location]:
+        self._guard()
+        bs = self.block_size
+        pos, end = offset, offset + n
+        while pos < end:
+            b, within = divmod(pos, bs)
+            step = min(bs - within, end - pos)
+            state = int(self.states[b])
+            present = state == L.PAYLOAD_BLOCK_FULLY_PRESENT or (
+                state == L.PAYLOAD_BLOCK_PARTIALLY_PRESENT and self._bitmap(b) is None
+            )
+            # a log replayed in memory (a read-only open) changes bytes the file still holds
+            if present and not self.overlay:
+                yield Location(pos, step, self.fd, int(self.offsets[b]) + within)
+            else:
+                yield Location(pos, step)
+            pos += step
 
     def _file_read(self, foff: int, part: memoryview) -> None:
         preadinto(self.fd, part, foff)

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import FormatError
 from ..extents import Kind
-from ..fileio import file_size, preadinto
+from ..fileio import file_size, preadinto, pwrite_all
 from ..raw import RawImage
 from . import layout as L
 
@@ -90,9 +90,17 @@ class ExtentFile:
         self.path = path
         self.length = length
         self.writable = writable
+        #: how grain data reaches the file: the owning image hands in its own pwrite,
+        #: which the conversion engine may defer
+        self.pwrite: Callable[[int, memoryview, int], None] = pwrite_all
 
     def read(self, offset: int, buf: memoryview, under: Under) -> None:
         raise NotImplementedError
+
+    def locate(self, offset: int, n: int) -> Iterator[tuple[int, int, int | None, int]]:
+        """(position in request, length, fd or None, file offset): where runs are stored
+        plainly (Image.locate)."""
+        yield 0, n, None, 0
 
     def states(self, start: int, end: int) -> Iterator[tuple[int, int, int]]:
         yield start, end - start, DATA
@@ -152,8 +160,11 @@ class FlatExtent(ExtentFile):
         for e in self.raw.extents(self.base + start, self.base + end):
             yield e.start - self.base, e.length, DATA if e.kind == Kind.DATA else ZERO
 
+    def locate(self, offset: int, n: int) -> Iterator[tuple[int, int, int | None, int]]:
+        yield 0, n, self.raw.fd, self.base + offset
+
     def write(self, offset: int, data: memoryview, under: Under) -> None:
-        self.raw.write(self.base + offset, data)
+        self.pwrite(self.raw.fd, data, self.base + offset)
 
     def write_zeroes(self, offset: int, n: int, under: Under, has_backing: bool) -> None:
         self.raw.write_zeroes(self.base + offset, n)

@@ -22,7 +22,7 @@ from ..backing import BackingPolicy, open_backing
 from ..errors import CorruptImage, FormatError, UnsafeImage, UnsupportedFeature
 from ..extents import Extent, Kind
 from ..fileio import file_size, pread_exact, pwrite_all
-from ..image import CheckResult, Image
+from ..image import CheckResult, Image, Location
 from . import descriptor as dd
 from . import layout as L
 from .esx import CowdExtent, SeSparseExtent, open_sesparse_file
@@ -79,6 +79,8 @@ class VmdkImage(Image):
         self.descriptor = desc
         self.header = header
         self.parts = extents
+        for ext in extents:
+            ext.pwrite = self._pwrite
         self.decodes = any(e.compressed for e in extents)
         self.starts: list[int] = []
         pos = 0
@@ -127,6 +129,11 @@ class VmdkImage(Image):
                 buf[got:] = bytes(len(buf) - got)
 
         return fill
+
+    def _locate(self, offset: int, n: int) -> Iterator[Location]:
+        for ext, at, length, pos in self._spans(offset, n):
+            for rel, k, fd, foff in ext.locate(at, length):
+                yield Location(offset + pos + rel, k, fd, foff)
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
         for ext, at, n, pos in self._spans(offset, len(buf)):

@@ -295,6 +295,13 @@ class SparseExtent(ExtentFile):
         gtes = self._gtes(g0, g1).astype(np.int64)
         return file_runs(gte_states(gtes), gtes * L.SECTOR, self.grain, g0, offset, n)
 
+    def locate(self, offset: int, n: int) -> Iterator[tuple[int, int, int | None, int]]:
+        if self.compressed:
+            yield 0, n, None, 0
+            return
+        for at, length, state, foff in self._pieces(offset, n):
+            yield at, length, self.fd if state == DATA else None, foff
+
     def read(self, offset: int, buf: memoryview, under: Under) -> None:
         if self.compressed:
             self._read_compressed(offset, buf, under)
@@ -398,13 +405,13 @@ class SparseExtent(ExtentFile):
             if fresh:
                 foff = self.alloc_end
                 self._allocate(np.arange(g0, g1, dtype=np.int64))
-                pwrite_all(self.fd, data, foff)
+                self.pwrite(self.fd, data, foff)
                 return
         missing = np.flatnonzero(gtes <= L.GTE_ZERO)
         if len(missing):
             self._allocate(g0 + missing)
         for at, n, _state, foff in self._pieces(offset, len(data)):
-            pwrite_all(self.fd, data[at : at + n], foff)
+            self.pwrite(self.fd, data[at : at + n], foff)
 
     def _allocate(self, grains: np.ndarray) -> None:
         """Give `grains` (ascending) the next places in file order, so that a sequential

@@ -41,7 +41,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-F", dest="backing_fmt", help="format of the backing image")
     p.add_argument("--backing-dir", action="append", help="allow backing files in DIR")
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
-    p.add_argument("-W", "--workers", type=int, help="worker threads (default: cores + 1)")
+    # qemu-img's spelling: -W allows out-of-order writes, -m N sets the requests in flight
+    p.add_argument(
+        "-W",
+        dest="out_of_order",
+        action="store_true",
+        help="accepted for qemu-img: p2v writes out of order wherever the output allows",
+    )
+    p.add_argument(
+        "-m",
+        dest="workers",
+        type=_requests,
+        metavar="N",
+        help="parallel requests, 1-16 as in qemu-img (default: cores + 1 when compressing, else 1)",
+    )
+    p.add_argument("--workers", type=_positive, metavar="N", help="parallel requests, any number")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument(
         "-t",
@@ -117,6 +131,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image")
     p.add_argument("size", nargs="?", help="e.g. 10G (taken from -b when omitted)")
     p.set_defaults(func=cmd_create)
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return n
+
+
+def _requests(value: str) -> int:
+    """-m as qemu-img bounds it: 1 to 16 coroutines."""
+    n = _positive(value)
+    if n > 16:
+        raise argparse.ArgumentTypeError(f"parallel requests must be 1-16 (got {n})")
+    return n
 
 
 def _options(values: list[str]) -> dict[str, str]:

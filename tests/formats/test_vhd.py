@@ -263,13 +263,19 @@ def test_zero_writes_leave_blocks_unallocated(tmp_path):
         assert (4 * MiB, 2 * MiB, Kind.DATA) in kinds
 
 
-def test_sequential_blocks_are_contiguous(tmp_path):
-    """New blocks follow each other, so a run of blocks is written with one system call."""
+def test_sequential_blocks_follow_each_other_with_data_block_aligned(tmp_path):
+    """New blocks follow each other in file order, each sector bitmap placed so that the
+    block's data starts on a 4 KiB filesystem block (the engine can share it)."""
     path = str(tmp_path / "c.vhd")
     with formats.create(path, "vpc", 16 * MiB) as img:
         img.write(0, b"\1" * 8 * MiB)
         offs = img.bat[:4].astype(int) * 512
-        assert list(np.diff(offs)) == [2 * MiB + 512] * 3
+        assert list(np.diff(offs)) == [2 * MiB + 4096] * 3
+        assert all((o + 512) % 4096 == 0 for o in offs)
+    raw = tmp_path / "c.raw"
+    raw.write_bytes(b"\1" * 8 * MiB)
+    os.truncate(raw, 16 * MiB)
+    qemu_img("compare", "-f", "vpc", "-F", "raw", path, str(raw))
 
 
 # -- differencing ----------------------------------------------------------------------
