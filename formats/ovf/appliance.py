@@ -16,10 +16,14 @@ by us inside the target directory. A failure removes what this run wrote.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
+import posixpath
+import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -28,6 +32,7 @@ from ..fileio import write_file_atomic
 from . import descriptor as ovfdesc
 from . import manifest as ovfmf
 from . import ustar
+from .container import Container, Directory, Readable, open_container
 
 COPY_CHUNK = 8 << 20
 EXTENSIONS = {
@@ -302,133 +307,153 @@ def write_package(
 
 # -- reading ------------------------------------------------------------------------------
 
+#: how much a gzip-compressed disk's file may exceed its capacity once decompressed: a
+#: sparse format's own tables and markers (streamOptimized VMDK, the worst of them, adds at
+#: most a 512-byte marker sector per 64 KiB grain, 1/128)
+_GZIP_OVERHEAD = 64
+_GZIP_FLOOR = 16 << 20
+#: VMware's exports of a VM with snapshots: `disk1.vmdk.000000000`, `.000000001`, ...
+_SNAPSHOT = re.compile(r"\.(\d+)")
+
 
 @dataclass
 class _Source:
-    """Where an appliance's files are: members of an OVA, or files beside a .ovf."""
+    """An appliance opened for reading: its container, descriptor and manifest."""
 
     path: str
-    kind: str  # "ova" or "ovf"
-    descriptor_name: str
+    kind: str  # "ovf" (a directory), "ova", "ova (gzip)", "ova (xz)" or "ova (zip)"
+    container: Container
+    descriptor_name: str  # inside the container: a subfolder's name is kept
     descriptor: bytes
-    manifest: dict[str, ovfmf.Entry] | None
-    members: dict[str, ustar.Member] = field(default_factory=dict)
+    manifest: dict[str, ovfmf.Entry] | None  # by container name (relative to the top)
+    manifest_complete: bool = True  # False when lines of it could not be read
     warnings: list[str] = field(default_factory=list)
 
-    def size_of(self, name: str) -> int:
-        if self.kind == "ova":
-            return self.members[name].size
-        return os.path.getsize(self.file_path(name))
+    def member(self, href: str) -> str:
+        """The file an href names. Hrefs are relative to the descriptor's folder. An href
+        that is missing where numbered copies of it exist names the highest-numbered one:
+        VMware exports a VM with snapshots so (virt-v2v picks it the same way, RHBZ#1570407)."""
+        name = posixpath.join(posixpath.dirname(self.descriptor_name), ovfdesc.check_href(href))
+        sizes = self.container.sizes
+        if name not in sizes:
+            numbered = [
+                (int(m.group(1)), n)
+                for n in sizes
+                if n.startswith(name) and (m := _SNAPSHOT.fullmatch(n, len(name)))
+            ]
+            if not numbered:
+                where = "package directory" if self.kind == "ovf" else "archive"
+                raise CorruptImage(
+                    f"{self.path}: {href} named by the descriptor is not in the {where}"
+                )
+            name = max(numbered)[1]
+        self.container.check(name)
+        return name
 
-    def file_path(self, name: str) -> str:
-        base = os.path.dirname(os.path.abspath(self.path))
-        path = os.path.join(base, ovfdesc.check_href(name))
-        real = os.path.realpath(path)
-        if os.path.commonpath([real, os.path.realpath(base)]) != os.path.realpath(base):
-            raise UnsafeImage(f"ovf: file {name} leads outside the package directory")
-        if not os.path.isfile(real):
-            raise FormatError(f"ovf: file {name} named by the descriptor is missing")
-        return path
+    def size_of(self, href: str) -> int:
+        return self.container.sizes[self.member(href)]
 
-    @contextlib.contextmanager
-    def open_file(self, name: str) -> Iterator[tuple[BinaryIO, int]]:
-        if self.kind == "ova":
-            m = self.members[name]
-            with open(self.path, "rb") as f:
-                f.seek(m.offset)
-                yield f, m.size
-        else:
-            with open(self.file_path(name), "rb") as f:
-                yield f, os.fstat(f.fileno()).st_size
+    def entry_for(self, href: str) -> ovfmf.Entry | None:
+        """The manifest's line for an href's file (or for the href itself, which a
+        snapshot export lists in place of the file it holds)."""
+        if self.manifest is None:
+            return None
+        named = posixpath.join(posixpath.dirname(self.descriptor_name), href)
+        return self.manifest.get(self.member(href)) or self.manifest.get(named)
 
 
-def _read_member(path: str, m: ustar.Member, cap: int) -> bytes:
-    if m.size > cap:
-        raise UnsafeImage(f"ova: member {m.name} is {m.size} bytes (at most {cap} expected)")
-    with open(path, "rb") as f:
-        f.seek(m.offset)
-        data = f.read(m.size)
-    if len(data) != m.size:
-        raise CorruptImage(f"ova: member {m.name} is truncated")
-    return data
+def _read_manifest(c: Container, name: str, warnings: list[str]) -> dict[str, ovfmf.Entry]:
+    """The manifest's entries by container name: its lines name files relative to its own
+    folder. Lines it cannot read are warnings, as virt-v2v makes them."""
+    skipped: list[str] = []
+    data = c.read(name, ovfmf.MAX_MANIFEST)
+    entries = ovfmf.parse(data, where=name, warnings=skipped)
+    warnings += skipped
+    folder = posixpath.dirname(name)
+    return {posixpath.normpath(posixpath.join(folder, n)): e for n, e in entries.items()}
 
 
 def _open_source(path: str) -> _Source:
-    if not os.path.exists(path):
-        raise FormatError(f"{path}: no such file")
-    if path.lower().endswith(".ovf"):
-        with open(path, "rb") as f:
-            data = f.read(ovfdesc.MAX_DESCRIPTOR + 1)
-        mf_path = os.path.splitext(path)[0] + ".mf"
-        mf = None
-        if os.path.isfile(mf_path):
-            with open(mf_path, "rb") as f:
-                mf = ovfmf.parse(f.read(ovfmf.MAX_MANIFEST + 1), where=os.path.basename(mf_path))
-        return _Source(path, "ovf", os.path.basename(path), data, mf)
-    try:
-        members = ustar.read_members(path)
-    except FormatError as exc:
-        raise type(exc)(f"{path}: {exc}") from exc
-    by_name: dict[str, ustar.Member] = {}
-    for m in members:
-        if m.name in by_name:
-            raise CorruptImage(f"{path}: member {m.name} appears twice")
-        by_name[m.name] = m
-    descs = [m for m in members if m.name.lower().endswith(".ovf")]
-    if len(descs) != 1:
-        raise CorruptImage(f"{path}: {len(descs)} .ovf descriptors in the archive (expected 1)")
-    desc = descs[0]
-    warnings = []
-    if members[0] is not desc:
-        warnings.append("the descriptor is not the first archive member (OVA requires it)")
-    mfs = [m for m in members if m.name.lower().endswith(".mf")]
-    if len(mfs) > 1:
-        raise CorruptImage(f"{path}: {len(mfs)} manifests in the archive")
+    c = open_container(path)
+    warnings: list[str] = []
+    if isinstance(c, Directory):
+        desc_name = os.path.basename(path)
+        mf_name = os.path.splitext(desc_name)[0] + ".mf"
+        mfs = [mf_name] if mf_name in c.sizes else []
+    else:
+        descs = [n for n in c.sizes if n.lower().endswith(".ovf")]
+        if len(descs) != 1:
+            raise CorruptImage(f"{path}: {len(descs)} .ovf descriptors in the archive (expected 1)")
+        desc_name = descs[0]
+        if c.kind == "ova" and next(iter(c.sizes)) != desc_name:
+            warnings.append("the descriptor is not the first archive member (OVA requires it)")
+        if c.kind != "ova":
+            warnings.append(
+                f"the archive is a {c.kind[5:-1]} file; OVA is a plain tar (read anyway)"
+            )
+        mfs = [n for n in c.sizes if n.lower().endswith(".mf")]
+        if len(mfs) > 1:
+            raise CorruptImage(f"{path}: {len(mfs)} manifests in the archive")
+        if any(n.lower().endswith(".cert") for n in c.sizes):
+            warnings.append("the appliance is signed; the signature is not checked")
+    data = c.read(desc_name, ovfdesc.MAX_DESCRIPTOR)
     mf = None
+    complete = True
     if mfs:
-        mf = ovfmf.parse(_read_member(path, mfs[0], ovfmf.MAX_MANIFEST), where=mfs[0].name)
-    if any(m.name.lower().endswith(".cert") for m in members):
-        warnings.append("the appliance is signed; the signature is not checked")
-    data = _read_member(path, desc, ovfdesc.MAX_DESCRIPTOR)
-    return _Source(path, "ova", desc.name, data, mf, by_name, warnings)
+        before = len(warnings)
+        mf = _read_manifest(c, mfs[0], warnings)
+        complete = len(warnings) == before
+    return _Source(path, c.kind, c, desc_name, data, mf, complete, warnings)
 
 
-def _verify_bytes(src: _Source, name: str, data: bytes) -> None:
+def _verify_descriptor(src: _Source) -> None:
     if src.manifest is None:
         return
-    entry = src.manifest.get(name)
+    entry = src.manifest.get(src.descriptor_name)
     if entry is None:
-        raise CorruptImage(f"{src.path}: {name} is not listed in the manifest")
+        src.warnings.append(
+            f"the manifest does not list the descriptor {src.descriptor_name}: "
+            "its digest is not checked"
+        )
+        return
     h = ovfmf.hasher(entry.algorithm)
-    h.update(data)
+    h.update(src.descriptor)
     if h.hexdigest() != entry.digest:
         raise CorruptImage(
-            f"{src.path}: {name}: {entry.algorithm} digest does not match the manifest"
+            f"{src.path}: {src.descriptor_name}: {entry.algorithm} digest does not match the manifest"
         )
 
 
-def _check_digest(src: _Source, name: str, got: str, algo: str) -> None:
-    assert src.manifest is not None
-    if got != src.manifest[name].digest:
-        raise CorruptImage(f"{src.path}: {name}: {algo} digest does not match the manifest")
-
-
 def load(path: str) -> tuple[_Source, ovfdesc.Descriptor]:
-    """Open an .ova or .ovf, verify the descriptor's digest and parse it; check that every
-    referenced file exists with the size the descriptor declares."""
+    """Open an appliance (.ovf beside its files, or an .ova: tar, gzip or xz tar, zip),
+    verify the descriptor's digest and parse it; check that every referenced file exists
+    with the size the descriptor declares and is listed in the manifest."""
     src = _open_source(path)
-    _verify_bytes(src, src.descriptor_name, src.descriptor)
+    _verify_descriptor(src)
     desc = ovfdesc.parse(src.descriptor, where=os.path.basename(path))
+    used = {src.descriptor_name}
     for f in desc.files:
-        if src.kind == "ova" and f["href"] not in src.members:
-            raise CorruptImage(f"{path}: {f['href']} named by the descriptor is not in the archive")
-        actual = src.size_of(f["href"])
-        if f["size"] is not None and f["size"] != actual:
-            raise CorruptImage(
-                f"{path}: {f['href']} is {actual} bytes but ovf:size says {f['size']}"
+        href = f["href"]
+        name = src.member(href)
+        used |= {name, posixpath.join(posixpath.dirname(src.descriptor_name), href)}
+        if name != posixpath.join(posixpath.dirname(src.descriptor_name), href):
+            src.warnings.append(
+                f"{href} is not in the appliance: its newest snapshot {name} is read"
             )
-        if src.manifest is not None and f["href"] not in src.manifest:
-            raise CorruptImage(f"{path}: {f['href']} is not listed in the manifest")
+        actual = src.container.sizes[name]
+        # a gzip file's ovf:size may be the size once decompressed (the spec leaves it
+        # open): then the decompressed file must have exactly that size
+        if f["size"] is not None and f["size"] != actual and f.get("compression") != "gzip":
+            raise CorruptImage(f"{path}: {href} is {actual} bytes but ovf:size says {f['size']}")
+        if src.manifest is not None and src.entry_for(href) is None:
+            if src.manifest_complete:
+                raise CorruptImage(f"{path}: {href} is not listed in the manifest")
+            src.warnings.append(
+                f"{href} is not verified: the manifest has no line it could read for it"
+            )
+    for name in sorted(set(src.manifest or ()) - used - set(src.container.sizes)):
+        # VMware's snapshot exports list files they do not hold (RHBZ#1570407)
+        src.warnings.append(f"the manifest lists {name}, which is not in the appliance (ignored)")
     if src.manifest is None:
         src.warnings.append("no manifest: file contents are not verified")
     return src, desc
@@ -445,10 +470,62 @@ def describe(path: str) -> dict[str, Any]:
         "virtual-system-type": desc.system_type,
         "descriptor": src.descriptor_name,
         "manifest": ",".join(algos) if algos else None,
-        "files": [{"name": f["href"], "size": src.size_of(f["href"])} for f in desc.files],
+        "files": [
+            {"name": f["href"], "size": src.size_of(f["href"])}
+            | ({"compression": f["compression"]} if f.get("compression") else {})
+            for f in desc.files
+        ],
         "machine": {k: v for k, v in desc.machine.items() if k != "warnings"},
         "warnings": src.warnings + desc.warnings,
     }
+
+
+@dataclass
+class _Job:
+    """One disk file to take out of the appliance."""
+
+    href: str
+    member: str
+    staged: str
+    final: str
+    file: dict[str, Any]  # the descriptor's File entry
+    capacity: int
+
+
+def _plan(src: _Source, desc: ovfdesc.Descriptor, base: str, out_format: str | None, force: bool):
+    from ..output import check_output
+
+    jobs: list[tuple[dict[str, Any], _Job | None]] = []
+    seen: set[str] = set()
+    for disk in desc.machine["disks"]:
+        href = disk.get("path")
+        if not href:
+            jobs.append((disk, None))
+            continue
+        if href in seen:
+            raise CorruptImage(f"{src.path}: file {href} is the file of two disks")
+        seen.add(href)
+        stem = os.path.splitext(href)[0]
+        final = os.path.join(base, href)
+        if out_format is not None:
+            final = os.path.join(base, f"{stem}.{EXTENSIONS[out_format]}")
+        if os.path.commonpath([os.path.realpath(final), base]) != base:
+            raise UnsafeImage(f"{src.path}: {href} would be written outside {base}")
+        check_output(final, force=force)
+        staged = os.path.join(base, f".{href}.p2v-partial")
+        file = desc.file_by_href(href) or {"href": href, "size": None, "compression": None}
+        jobs.append((disk, _Job(href, src.member(href), staged, final, file, int(disk["size"]))))
+    return jobs
+
+
+def _check_space(src: _Source, jobs: list[_Job], outdir: str) -> None:
+    """Refuse before writing when the files to extract cannot fit: an archive's declared
+    sizes are known before any byte is decompressed."""
+    need = sum(src.container.sizes[j.member] for j in jobs if not j.file.get("compression"))
+    st = os.statvfs(outdir)
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise FormatError(f"{src.path}: extracting needs {need} bytes and {outdir} has {free} free")
 
 
 def unpack(
@@ -465,7 +542,6 @@ def unpack(
     import formats
 
     from ..convert import convert
-    from ..output import check_output
 
     src, desc = load(path)
     if out_format is not None:
@@ -487,42 +563,42 @@ def unpack(
     for f in desc.files:
         if f["href"] not in disk_files:
             result.warnings.append(f"file {f['href']} is not a disk and is not extracted")
+    plan = _plan(src, desc, base, out_format, force)
+    jobs = {j.member: j for _, j in plan if j is not None}
+    _check_space(src, list(jobs.values()), base)
     try:
-        for disk in desc.machine["disks"]:
-            href = disk.get("path")
-            if not href:
+        # in the container's own order: a compressed tar is read once, front to back
+        with src.container.stream(list(jobs)) as files:
+            for name, reader, size in files:
+                job = jobs[name]
+                created.append(job.staged)
+                _extract(src, job, reader, size)
+        for disk, job in plan:
+            if job is None:
                 result.warnings.append(f"disk {disk.get('disk_id')} has no file: not extracted")
                 continue
-            stem = os.path.splitext(href)[0]
-            final = os.path.join(base, href)
-            if out_format is not None:
-                final = os.path.join(base, f"{stem}.{EXTENSIONS[out_format]}")
-            if os.path.commonpath([os.path.realpath(final), base]) != base:
-                raise UnsafeImage(f"{path}: {href} would be written outside {outdir}")
-            check_output(final, force=force)
-            staged = os.path.join(base, f".{href}.p2v-partial")
-            created.append(staged)
-            _extract(src, href, staged)
             if out_format is None:
-                os.replace(staged, final)
-                created[-1] = final
-                fmt = formats.probe(final)
-                with formats.open(final, fmt, allow_backing=False) as img:
+                os.replace(job.staged, job.final)
+                created[created.index(job.staged)] = job.final
+                fmt = formats.probe(job.final)
+                with formats.open(job.final, fmt, allow_backing=False) as img:
                     size = img.size
             else:
-                created.append(final)
-                with formats.open(staged, allow_backing=False) as img:
+                created.append(job.final)
+                with formats.open(job.staged, allow_backing=False) as img:
                     fmt_in, size = img.format, img.size
                     if disk.get("format") and fmt_in != disk["format"]:
                         result.warnings.append(
-                            f"{href}: the descriptor says {disk['format']}, the file is {fmt_in}"
+                            f"{job.href}: the descriptor says {disk['format']}, the file is {fmt_in}"
                         )
-                    convert(img, final, out_format, force=force, progress=progress, workers=workers)
-                os.unlink(staged)
-                created.remove(staged)
+                    convert(
+                        img, job.final, out_format, force=force, progress=progress, workers=workers
+                    )
+                os.unlink(job.staged)
+                created.remove(job.staged)
                 fmt = out_format
-            disk["output"] = os.path.basename(final)
-            result.disks.append(UnpackedDisk(href, final, fmt, size))
+            disk["output"] = os.path.basename(job.final)
+            result.disks.append(UnpackedDisk(job.href, job.final, fmt, size))
     except BaseException:
         for p in created:
             with contextlib.suppress(OSError):
@@ -531,13 +607,73 @@ def unpack(
     return result
 
 
-def _extract(src: _Source, name: str, target: str) -> None:
-    """Copy one file out of the appliance, verifying its digest as it streams."""
-    entry = src.manifest.get(name) if src.manifest else None
+class _Hashing:
+    """Exactly `size` bytes of a container's file, each fed to the hasher as it passes."""
+
+    def __init__(self, f: Readable, size: int, hasher, where: str) -> None:
+        self._f, self.left, self._h, self._where = f, size, hasher, where
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n is None or n < 0 else min(n, self.left)
+        parts = []
+        while n:
+            block = self._f.read(n)
+            if not block:
+                raise CorruptImage(f"{self._where} ends {self.left} bytes short of its size")
+            parts.append(block)
+            self._h.update(block)
+            self.left -= len(block)
+            n -= len(block)
+        return b"".join(parts)
+
+    def drain(self) -> None:
+        while self.left:
+            self.read(COPY_CHUNK)
+
+
+def _gzip_limits(job: _Job, stored: int) -> tuple[int, int | None]:
+    """(cap, exact): the most a gzip file may decompress to, and its exact size when
+    ovf:size gives it (an ovf:size other than the stored size is the decompressed one)."""
+    declared = job.file.get("size")
+    if declared is not None and declared != stored:
+        return declared, declared
+    return job.capacity + job.capacity // _GZIP_OVERHEAD + _GZIP_FLOOR, None
+
+
+def _extract(src: _Source, job: _Job, f: Readable, size: int) -> None:
+    """Copy one file out of the appliance, verifying its digest (of the file as stored)
+    as it streams, and decompressing it when the descriptor says it is gzip."""
+    entry = src.entry_for(job.href)
     h = ovfmf.hasher(entry.algorithm if entry else "sha256")
+    where = f"{src.path}: {job.member}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(target, flags, 0o644)
-    with os.fdopen(fd, "wb") as out, src.open_file(name) as (f, size):
-        _copy_hashing(f, out, size, h)
-    if entry is not None:
-        _check_digest(src, name, h.hexdigest(), entry.algorithm)
+    fd = os.open(job.staged, flags, 0o644)
+    reader = _Hashing(f, size, h, where)
+    with os.fdopen(fd, "wb") as out:
+        if job.file.get("compression") == "gzip":
+            _gunzip(reader, out, *_gzip_limits(job, size), where)
+        else:
+            while reader.left:
+                out.write(reader.read(COPY_CHUNK))
+    reader.drain()
+    if entry is not None and h.hexdigest() != entry.digest:
+        raise CorruptImage(f"{where}: {entry.algorithm} digest does not match the manifest")
+
+
+def _gunzip(reader: _Hashing, out: BinaryIO, cap: int, exact: int | None, where: str) -> None:
+    written = 0
+    try:
+        # typeshed's GzipFile wants a file; it only ever calls read() on a reader
+        with gzip.GzipFile(fileobj=reader) as gz:  # type: ignore[call-overload]
+            while block := gz.read(COPY_CHUNK):
+                written += len(block)
+                if written > cap:
+                    raise UnsafeImage(
+                        f"{where}: decompresses past {cap} bytes, more than "
+                        f"{'its ovf:size' if exact is not None else 'its disk capacity allows'}"
+                    )
+                out.write(block)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise CorruptImage(f"{where}: gzip data is damaged ({exc})") from exc
+    if exact is not None and written != exact:
+        raise CorruptImage(f"{where}: decompresses to {written} bytes but ovf:size says {exact}")

@@ -459,7 +459,7 @@ class Descriptor:
 
     version: str
     machine: dict[str, Any]
-    files: list[dict[str, Any]] = field(default_factory=list)  # href, id, size
+    files: list[dict[str, Any]] = field(default_factory=list)  # href, id, size, compression
     system_type: str | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -666,14 +666,23 @@ def _parse_references(root: ET.Element, where: str) -> list[dict[str, Any]]:
         if not fid or not href:
             raise CorruptImage(f"{where}: a File reference lacks ovf:id or ovf:href")
         check_href(href)
-        if _attr(f, "compression"):
+        # DSP0243 5.3: gzip is the one compression the spec names ("identity" is none)
+        compression = _attr(f, "compression") or None
+        if compression == "identity":
+            compression = None
+        if compression not in (None, "gzip"):
             raise UnsupportedFeature(
-                f"{where}: file {href} is compressed ({_attr(f, 'compression')})"
+                f"{where}: file {href} is compressed with {compression!r} (gzip is read)"
             )
         if _attr(f, "chunkSize"):
             raise UnsupportedFeature(f"{where}: file {href} is split into chunks")
         size = _attr(f, "size")
-        entry = {"id": fid, "href": href, "size": _int(size, f"size of {href}") if size else None}
+        entry = {
+            "id": fid,
+            "href": href,
+            "size": _int(size, f"size of {href}") if size else None,
+            "compression": compression,
+        }
         if any(x["id"] == fid or x["href"] == href for x in files):
             raise CorruptImage(f"{where}: file {href} ({fid}) is declared twice")
         files.append(entry)

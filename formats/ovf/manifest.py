@@ -56,8 +56,15 @@ def size(names: list[str], algo: str = "sha256") -> int:
     return len(build([(n, "0" * width) for n in names], algo))
 
 
-def parse(data: bytes, *, where: str = "manifest") -> dict[str, Entry]:
-    """name -> Entry; a malformed line or a name listed twice is a CorruptImage."""
+_TAGGED = re.compile(r"^([A-Za-z0-9-]+) ?\(")
+
+
+def parse(
+    data: bytes, *, where: str = "manifest", warnings: list[str] | None = None
+) -> dict[str, Entry]:
+    """name -> Entry. A line that cannot be read is a CorruptImage, or, when `warnings` is
+    given, a warning there and the line skipped (virt-v2v warns and reads on: manifests
+    in the field hold lines no spec allows). A name listed twice is always refused."""
     if len(data) > MAX_MANIFEST:
         raise UnsafeImage(f"{where}: {len(data)} bytes is too large for a manifest")
     try:
@@ -68,20 +75,45 @@ def parse(data: bytes, *, where: str = "manifest") -> dict[str, Entry]:
     lines = text.splitlines()
     if len(lines) > MAX_LINES:
         raise UnsafeImage(f"{where}: {len(lines)} lines is too many for a manifest")
+    bad: list[tuple[int, str]] = []
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         m = _LINE.match(raw.strip())
         if not m:
-            raise CorruptImage(f"{where}: line {number} is not 'SHA256(name)= hex': {raw[:80]!r}")
+            bad.append((number, raw))
+            continue
         algo = _BY_TAG[m.group(1)]
         digest = m.group(3).lower()
         if len(digest) != _DIGEST_LEN[algo]:
-            raise CorruptImage(
-                f"{where}: line {number}: {m.group(1)} digest has {len(digest)} hex digits"
-            )
+            bad.append((number, raw))
+            continue
         name = m.group(2)
         if name in out:
             raise CorruptImage(f"{where}: {name!r} is listed twice")
         out[name] = Entry(algo, name, digest)
+    expected = _expected_algorithm(out)
+    for number, raw in bad:
+        problem = f"{where}: line {number} {_why_bad(raw.strip(), expected)}: {raw[:80]!r}"
+        if warnings is None:
+            raise CorruptImage(problem)
+        warnings.append(f"{problem} (line skipped)")
     return out
+
+
+def _expected_algorithm(entries: dict[str, Entry]) -> str:
+    """The tag the manifest's good lines use, SHA256 when there are none or they differ."""
+    tags = {ALGORITHMS[e.algorithm] for e in entries.values()}
+    return tags.pop() if len(tags) == 1 else "SHA256"
+
+
+def _why_bad(line: str, expected: str) -> str:
+    m = _LINE.match(line)
+    if m:
+        tag = m.group(1)
+        width = _DIGEST_LEN[_BY_TAG[tag]]
+        return f"has a {tag} digest of {len(m.group(3))} hex digits ({tag} has {width})"
+    tagged = _TAGGED.match(line)
+    if tagged and tagged.group(1).upper() not in _BY_TAG:
+        return f"uses {tagged.group(1)}, not one of {', '.join(_BY_TAG)}"
+    return f"is not '{expected}(name)= hex' like the manifest's other lines"

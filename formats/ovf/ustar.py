@@ -210,18 +210,39 @@ def _pax_path(data: bytes, where: int) -> str | None:
     return path
 
 
-def members(f, file_size: int) -> Iterator[Member]:
-    """The archive's regular files in archive order; anything unsafe raises UnsafeImage."""
+def _skip_to(f, pos: int) -> None:
+    """Move a forward-only stream (a decompressor) to `pos` by reading, a megabyte at a time."""
+    at = f.tell()
+    if pos < at:
+        raise CorruptImage(f"ova: tar member at {pos:#x} is behind the stream ({at:#x})")
+    while at < pos:
+        got = len(f.read(min(1 << 20, pos - at)))
+        if not got:
+            raise CorruptImage(f"ova: tar archive is truncated at {at:#x}")
+        at += got
+
+
+def members(f, file_size: int | None) -> Iterator[Member]:
+    """The archive's regular files in archive order; anything unsafe raises UnsafeImage.
+
+    `file_size` None reads `f` front to back as a stream (a decompressor): a consumer may
+    read a member's bytes when it is yielded, from the position the stream is at."""
     pos = 0
     long_name: str | None = None
     count = 0
+    stream = file_size is None
     while True:
-        if pos + BLOCK > file_size:
+        if file_size is not None and pos + BLOCK > file_size:
             if pos == file_size:
                 return  # missing end-of-archive blocks: GNU tar accepts it too
             raise CorruptImage(f"ova: tar archive is truncated at {pos:#x} of {file_size:#x}")
-        f.seek(pos)
+        if stream:
+            _skip_to(f, pos)
+        else:
+            f.seek(pos)
         block = f.read(BLOCK)
+        if stream and not block:
+            return
         if len(block) < BLOCK:
             raise CorruptImage(f"ova: short read at {pos:#x}")
         if block == bytes(BLOCK):
@@ -236,7 +257,7 @@ def members(f, file_size: int) -> Iterator[Member]:
             )
         size = _number(h.size, "size", pos)
         data_at = pos + BLOCK
-        if size > file_size - data_at:
+        if file_size is not None and size > file_size - data_at:
             raise CorruptImage(
                 f"ova: member at {pos:#x} declares {size} bytes, past the end of the "
                 f"archive ({file_size:#x})"
@@ -246,8 +267,9 @@ def members(f, file_size: int) -> Iterator[Member]:
         if flag in (PAX_HEADER, PAX_GLOBAL, GNU_LONGNAME):
             if size > MAX_EXTENDED_HEADER:
                 raise UnsafeImage(f"ova: extended tar header at {pos:#x} is {size} bytes")
-            f.seek(data_at)
-            data = f.read(size)
+            data = f.read(size)  # the header was just read: the stream is at data_at
+            if len(data) != size:
+                raise CorruptImage(f"ova: extended tar header at {pos:#x} is truncated")
             if flag == GNU_LONGNAME:
                 long_name = _text(data)
             elif flag == PAX_HEADER:

@@ -3,11 +3,14 @@ sha256sum and qemu-img; hostile appliances refused with nothing written outside 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
+import stat
 import subprocess
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -483,3 +486,283 @@ def test_describe_ovf_without_manifest_warns(tmp_path):
     assert info["manifest"] is None
     assert any("no manifest" in w for w in info["warnings"])
     assert formats.FormatError  # the library's base error is what callers catch
+
+
+# -- OVAs as the field writes them (the shapes virt-v2v's -i ova reads) ---------------
+
+
+def _sha(tool: str, path: Path) -> str:
+    """A digest computed by coreutils, not by us."""
+    return run([tool, str(path)], check=True).stdout.split()[0]
+
+
+@pytest.fixture
+def field_pkg(tmp_path, raw_disk):
+    """A package directory made by real tools: a streamOptimized VMDK by qemu-img, its
+    digest by sha256sum, a descriptor that names it. Returns (dir, descriptor bytes)."""
+    need_tool("sha256sum", "sha1sum", "tar", "gzip", "xz", "zip")
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    disk = pkg / "disk.vmdk"
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized",
+             raw_disk, str(disk))  # fmt: skip
+    return pkg
+
+
+def _field_descriptor(file_size: int, *, extra: str = "") -> bytes:
+    m = dict(MACHINE, disks=[{"path": "disk.vmdk", "format": "vmdk", "subformat": "streamOptimized",
+                              "bus": "scsi", "size": 24 * MiB, "file_size": file_size}])  # fmt: skip
+    data = descriptor.build(m)
+    return data.replace(b'ovf:href="disk.vmdk"', b'ovf:href="disk.vmdk"' + extra.encode(), 1)
+
+
+def _write_field_package(pkg: Path, *, disk_names=("disk.vmdk",), extra="", mf_lines=None,
+                         algo="sha256sum", descriptor_listed=True, size_of=None) -> None:  # fmt: skip
+    stored = pkg / disk_names[-1]
+    (pkg / "vm.ovf").write_bytes(_field_descriptor(size_of or stored.stat().st_size, extra=extra))
+    tag = {"sha256sum": "SHA256", "sha1sum": "SHA1"}[algo]
+    names = (["vm.ovf"] if descriptor_listed else []) + list(disk_names)
+    lines = [f"{tag}({n})= {_sha(algo, pkg / n)}" for n in names]
+    (pkg / "vm.mf").write_text("\n".join(lines + list(mf_lines or [])) + "\n")
+
+
+def _archive(pkg: Path, kind: str, members: list[str], out: Path) -> Path:
+    """OUT made by the real tool for KIND from MEMBERS (paths relative to PKG)."""
+    cmd = {
+        "tar": ["tar", "--format=ustar", "-cf", str(out)],
+        "tar.gz": ["tar", "--format=ustar", "-czf", str(out)],
+        "tar.xz": ["tar", "--format=ustar", "-cJf", str(out)],
+        "zip": ["zip", "-q", "-r", str(out)],
+    }[kind]
+    res = run(cmd + members, cwd=pkg)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def _unpacks_equal(ova: Path, raw_disk: str, tmp_path: Path, name="out"):
+    res = ovf.unpack(str(ova), str(tmp_path / name), out_format="raw")
+    assert [d.name for d in res.disks] == ["disk.vmdk"]
+    qemu_img("compare", "-f", "raw", "-F", "raw", raw_disk, res.disks[0].output)
+    assert sorted(os.listdir(tmp_path / name)) == ["disk.img"]
+    return res
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz", "tar.xz", "zip"])
+def test_archive_kinds_virt_v2v_reads(tmp_path, field_pkg, raw_disk, kind):
+    _write_field_package(field_pkg)
+    ova = _archive(field_pkg, kind, ["vm.ovf", "vm.mf", "disk.vmdk"], tmp_path / f"vm.{kind}.ova")
+    res = _unpacks_equal(ova, raw_disk, tmp_path)
+    assert res.manifest == "sha256"
+    info = ovf.describe(str(ova))
+    assert info["format"] == {"tar": "ova", "tar.gz": "ova (gzip)", "tar.xz": "ova (xz)",
+                              "zip": "ova (zip)"}[kind]  # fmt: skip
+    assert (kind == "tar") != any("plain tar" in w for w in res.warnings)
+
+
+def test_descriptor_in_a_subfolder_with_its_manifest(tmp_path, field_pkg, raw_disk):
+    # virt-v2v's test-i-ova-subfolders: everything inside sub/, the manifest names files
+    # relative to itself
+    _write_field_package(field_pkg, algo="sha1sum")
+    sub = tmp_path / "top" / "sub"
+    sub.mkdir(parents=True)
+    for n in ("vm.ovf", "vm.mf", "disk.vmdk"):
+        os.link(field_pkg / n, sub / n)
+    for kind in ("tar", "tar.gz", "zip"):
+        ova = _archive(tmp_path / "top", kind, ["sub"], tmp_path / f"sub.{kind}.ova")
+        res = _unpacks_equal(ova, raw_disk, tmp_path, name=f"out-{kind}")
+        assert res.manifest == "sha1"
+        assert ovf.describe(str(ova))["descriptor"] == "sub/vm.ovf"
+
+
+def test_vmware_snapshot_export_reads_the_newest(tmp_path, field_pkg, raw_disk):
+    # disk.vmdk itself is absent; disk.vmdk.000000000 ... .000000002 hold the chain's
+    # states and the highest number is the disk (virt-v2v RHBZ#1570407)
+    disk = field_pkg / "disk.vmdk"
+    for i in (0, 1):
+        (field_pkg / f"disk.vmdk.00000000{i}").write_bytes(os.urandom(4096 + i))
+    disk.rename(field_pkg / "disk.vmdk.000000002")
+    names = [f"disk.vmdk.00000000{i}" for i in range(3)]
+    _write_field_package(field_pkg, disk_names=names, algo="sha1sum",
+                         mf_lines=[f"SHA1(disk.vmdk)= {'0' * 40}"])  # fmt: skip
+    ova = _archive(field_pkg, "tar", ["vm.ovf", "vm.mf", *names], tmp_path / "snap.ova")
+    res = _unpacks_equal(ova, raw_disk, tmp_path)
+    assert any("newest snapshot disk.vmdk.000000002" in w for w in res.warnings)
+    # a snapshot that does not match its manifest line is still refused
+    data = (field_pkg / names[-1]).read_bytes()
+    (field_pkg / names[-1]).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    bad = _archive(field_pkg, "tar", ["vm.ovf", "vm.mf", *names], tmp_path / "snap-bad.ova")
+    with pytest.raises(CorruptImage, match="sha1 digest does not match"):
+        ovf.unpack(str(bad), str(tmp_path / "bad"))
+    assert os.listdir(tmp_path / "bad") == []
+
+
+def test_gzip_compressed_disk_file(tmp_path, field_pkg, raw_disk):
+    # ovf:compression="gzip": the file is stored compressed, its digest and ovf:size are
+    # of the stored bytes
+    disk = field_pkg / "disk.vmdk"
+    res = run(["gzip", "-n", "-9", str(disk)])
+    assert res.returncode == 0, res.stderr
+    (field_pkg / "disk.vmdk.gz").rename(disk)
+    _write_field_package(field_pkg, extra=' ovf:compression="gzip"')
+    for kind in ("tar", "tar.xz"):
+        ova = _archive(field_pkg, kind, ["vm.ovf", "vm.mf", "disk.vmdk"], tmp_path / f"gz.{kind}")
+        out = _unpacks_equal(ova, raw_disk, tmp_path, name=f"out-{kind}")
+        assert out.disks[0].format == "raw"
+    assert ovf.describe(str(ova))["files"][0]["compression"] == "gzip"
+
+
+def test_lenient_manifests_warn(tmp_path, field_pkg, raw_disk):
+    # the descriptor unlisted, a garbage line and a digest of the wrong length: read, with
+    # a warning for each that says which algorithm the line was expected in
+    _write_field_package(field_pkg, algo="sha1sum", descriptor_listed=False,
+                         mf_lines=["garbage line", "SHA1(extra.txt)= abc"])  # fmt: skip
+    ova = _archive(field_pkg, "tar", ["vm.ovf", "vm.mf", "disk.vmdk"], tmp_path / "lenient.ova")
+    res = _unpacks_equal(ova, raw_disk, tmp_path)
+    text = "\n".join(res.warnings)
+    assert "does not list the descriptor vm.ovf" in text
+    assert "line 2 is not 'SHA1(name)= hex'" in text and "garbage line" in text
+    assert "line 3 has a SHA1 digest of 3 hex digits (SHA1 has 40)" in text
+    # lenient is not blind: a wrong digest on a line it can read is refused
+    lines = (field_pkg / "vm.mf").read_text().splitlines()
+    lines[0] = lines[0][:-1] + ("0" if lines[0][-1] != "0" else "1")
+    (field_pkg / "vm.mf").write_text("\n".join(lines) + "\n")
+    bad = _archive(field_pkg, "tar", ["vm.ovf", "vm.mf", "disk.vmdk"], tmp_path / "bad.ova")
+    with pytest.raises(CorruptImage, match="sha1 digest does not match"):
+        ovf.unpack(str(bad), str(tmp_path / "bad"))
+
+
+def test_manifest_lenient_parse_names_the_expected_algorithm():
+    warnings: list[str] = []
+    good = "ab" * 32
+    parsed = manifest.parse(
+        f"SHA256(a.ovf)= {good}\nMD5(b)= 00\nSHA256 b.vmdk {good}\n".encode(),
+        where="x.mf",
+        warnings=warnings,
+    )
+    assert list(parsed) == ["a.ovf"]
+    assert warnings == [
+        "x.mf: line 2 uses MD5, not one of SHA1, SHA256, SHA512: 'MD5(b)= 00' (line skipped)",
+        f"x.mf: line 3 is not 'SHA256(name)= hex' like the manifest's other lines: "
+        f"'SHA256 b.vmdk {good}' (line skipped)",
+    ]
+
+
+def _gz(data: bytes) -> bytes:
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as g:
+        g.write(data)
+    return buf.getvalue()
+
+
+def _tgz_with(tmp_path, build, name="hostile.ova") -> str:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        build(tf)
+    path = tmp_path / name
+    path.write_bytes(_gz(buf.getvalue()))
+    return str(path)
+
+
+def _zip_with(tmp_path, entries) -> str:
+    path = tmp_path / "hostile.ova"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for info, data in entries:
+            z.writestr(info, data)
+    return str(path)
+
+
+def _zip_symlink(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info, target.encode()
+
+
+def _gzip_disk_descriptor(stored: bytes, declared: int | None = None, capacity=1 << 20) -> bytes:
+    m = dict(MACHINE, disks=[{"path": "disk.vmdk", "format": "raw", "bus": "scsi",
+                              "size": capacity, "file_size": declared or len(stored)}])  # fmt: skip
+    return descriptor.build(m).replace(
+        b'ovf:href="disk.vmdk"', b'ovf:href="disk.vmdk" ovf:compression="gzip"', 1
+    )
+
+
+_BOMB = _gz(bytes(64 * MiB))  # 64 MiB of zeros in ~64 KiB
+
+
+HOSTILE_FIELD = {
+    "zip-traversal": lambda p: _zip_with(
+        p, [("a.ovf", _pack_descriptor()), ("../evil.vmdk", b"x")]
+    ),
+    "zip-absolute": lambda p: _zip_with(
+        p, [("a.ovf", _pack_descriptor()), ("/tmp/evil.vmdk", b"x")]
+    ),
+    "zip-symlink": lambda p: _zip_with(
+        p, [("a.ovf", _pack_descriptor()), _zip_symlink("disk.vmdk", "/etc/passwd")]
+    ),
+    "tgz-symlink": lambda p: _tgz_with(p, lambda tf: (
+        _add(tf, "a.ovf", _pack_descriptor()),
+        _add(tf, "disk.vmdk", b"", type=tarfile.SYMTYPE, linkname="/etc/passwd"),
+    )),
+    "tgz-traversal": lambda p: _tgz_with(p, lambda tf: (
+        _add(tf, "a.ovf", _pack_descriptor()), _add(tf, "sub/../../evil.vmdk"),
+    )),
+    "tgz-truncated": lambda p: (
+        Path(q := _tgz_with(p, lambda tf: (
+            _add(tf, "a.ovf", _pack_descriptor()), _add(tf, "disk.vmdk", os.urandom(4096)),
+        ))).write_bytes(Path(q).read_bytes()[:-200]) and q
+    ),
+    "xz-garbage": lambda p: (
+        (p / "hostile.ova").write_bytes(b"\xfd7zXZ\x00" + os.urandom(2000)) and str(p / "hostile.ova")
+    ),
+    # a gzip disk that decompresses past what its disk (1 MiB) could hold: stopped at the cap
+    "gzip-bomb-past-capacity": lambda p: _tar_with(p, lambda tf: (
+        _add(tf, "a.ovf", _gzip_disk_descriptor(_BOMB)), _add(tf, "disk.vmdk", _BOMB),
+    )),
+    # ovf:size says what it decompresses to, and it lies
+    "gzip-size-lies": lambda p: _tar_with(p, lambda tf: (
+        _add(tf, "a.ovf", _gzip_disk_descriptor(_gz(b"y" * 9000), declared=4096, capacity=64 << 20)),
+        _add(tf, "disk.vmdk", _gz(b"y" * 9000)),
+    )),
+    "gzip-damaged": lambda p: _tar_with(p, lambda tf: (
+        _add(tf, "a.ovf", _gzip_disk_descriptor(_gz(b"y" * 9000)[:-9] + b"123456789")),
+        _add(tf, "disk.vmdk", _gz(b"y" * 9000)[:-9] + b"123456789"),
+    )),
+    "snapshot-without-number": lambda p: _tar_with(p, lambda tf: (
+        _add(tf, "a.ovf", _pack_descriptor()), _add(tf, "disk.vmdk.latest"),
+    )),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_FIELD))
+def test_hostile_field_archives_refused_and_nothing_written_outside(tmp_path, case):
+    box = tmp_path / "box"
+    box.mkdir()
+    ova = HOSTILE_FIELD[case](box)
+    target = box / "out"
+    before = sorted(os.listdir(tmp_path)), sorted(os.listdir(box))
+    with pytest.raises(FormatError) as info:
+        ovf.unpack(ova, str(target))
+    assert "\n" not in str(info.value)
+    if "bomb" in case:
+        assert "decompresses past" in str(info.value)
+    if case == "gzip-size-lies":
+        assert "ovf:size" in str(info.value)
+    assert (sorted(os.listdir(tmp_path)), sorted(os.listdir(box))) in (
+        before,
+        (before[0], sorted(before[1] + ["out"])),
+    )
+    if target.exists():
+        assert os.listdir(target) == []
+    assert not os.path.exists("/tmp/evil.vmdk") and not (tmp_path / "evil.vmdk").exists()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(min_size=1, max_size=4096), st.sampled_from(["gzip", "xz", "zip"]))
+def test_compressed_container_readers_raise_only_format_errors(tmp_path_factory, data, kind):
+    path = tmp_path_factory.mktemp("fuzz") / "f.ova"
+    magic = {"gzip": b"\x1f\x8b", "xz": b"\xfd7zXZ\x00", "zip": b"PK\x03\x04"}[kind]
+    path.write_bytes(magic + data)
+    try:
+        ovf.describe(str(path))
+    except FormatError:
+        pass

@@ -235,3 +235,103 @@ def test_tampered_ovf_package_is_refused(tmp_path):
     line = one_line_error(p2v("v2v", "--to", "kvm", "-O", "raw", str(pkg / "d.ovf"), str(out)))
     assert "digest does not match the manifest" in line
     assert os.listdir(out) == []
+
+
+def _reshape(x: Path, shape: str) -> list[str]:
+    """Turn the package p2v packed (app.ovf, app.mf, app-disk1.vmdk in X) into one of the
+    shapes other tools write, with real tools; returns the paths to archive, from X."""
+    members = ["app.ovf", "app.mf", "app-disk1.vmdk"]
+    ovf_path, mf_path, disk = x / "app.ovf", x / "app.mf", x / "app-disk1.vmdk"
+
+    def sha256(name):
+        return run(["sha256sum", str(x / name)]).stdout.split()[0]
+
+    if shape == "gzip-disk":
+        assert run(["gzip", "-n", str(disk)]).returncode == 0
+        (x / "app-disk1.vmdk.gz").rename(disk)
+        text = ovf_path.read_text()
+        size = re.search(r'ovf:href="app-disk1.vmdk"[^>]*ovf:size="(\d+)"', text).group(1)
+        text = text.replace(
+            f'ovf:href="app-disk1.vmdk" ovf:id="file1" ovf:size="{size}"',
+            f'ovf:href="app-disk1.vmdk" ovf:id="file1" ovf:size="{disk.stat().st_size}" '
+            'ovf:compression="gzip"',
+        )
+        assert "gzip" in text
+        ovf_path.write_text(text)
+        mf_path.write_text("".join(f"SHA256({n})= {sha256(n)}\n" for n in members[::2]))
+    elif shape == "snapshots":
+        disk.rename(x / "app-disk1.vmdk.000000002")
+        for i in (0, 1):
+            (x / f"app-disk1.vmdk.00000000{i}").write_bytes(os.urandom(1024))
+        members = ["app.ovf", "app.mf"] + [f"app-disk1.vmdk.00000000{i}" for i in range(3)]
+        mf_path.write_text(
+            f"SHA256(app.ovf)= {sha256('app.ovf')}\n"
+            + "".join(f"SHA256({n})= {sha256(n)}\n" for n in members[2:])
+        )
+    elif shape == "lenient-manifest":
+        # the descriptor unlisted and a line nobody can parse: virt-v2v warns and reads on
+        mf_path.write_text(f"SHA256(app-disk1.vmdk)= {sha256('app-disk1.vmdk')}\ngarbage line\n")
+    elif shape == "subfolder":
+        (x / "sub").mkdir()
+        for n in members:
+            (x / n).rename(x / "sub" / n)
+        members = ["sub"]
+    return members
+
+
+FIELD_SHAPES = {
+    "zip": "zip",
+    "tar.gz": "tar.gz",
+    "tar.xz": "tar.xz",
+    "subfolder": "tar",
+    "gzip-disk": "tar",
+    "snapshots": "tar",
+    "lenient-manifest": "tar",
+}
+
+
+@pytest.mark.parametrize("shape", sorted(FIELD_SHAPES))
+def test_v2v_reads_ovas_as_the_field_writes_them(tmp_path, shape):
+    need_tool("tar", "gzip", "xz", "zip", "sha256sum")
+    disk = tmp_path / "d.raw"
+    _fill(disk, 16 * MiB)
+    packed = tmp_path / "app.ova"
+    res = p2v("ovf", "pack", "--cpus", "2", "--memory", "1G", "-o", str(packed), str(disk))
+    assert res.returncode == 0, res.stderr
+    x = tmp_path / "x"
+    x.mkdir()
+    assert run(["tar", "xf", str(packed), "-C", str(x)]).returncode == 0
+    members = _reshape(x, shape)
+    ova = tmp_path / "field.ova"
+    cmd = {
+        "zip": ["zip", "-q", "-r", str(ova)],
+        "tar.gz": ["tar", "-czf", str(ova)],
+        "tar.xz": ["tar", "-cJf", str(ova)],
+        "tar": ["tar", "-cf", str(ova)],
+    }[FIELD_SHAPES[shape]]
+    assert run(cmd + members, cwd=x).returncode == 0
+    out = tmp_path / "kvm"
+    res = p2v("v2v", "--to", "kvm", "--output", "json", str(ova), str(out))
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    spec = drivers.read_definition(result["definition"])
+    assert (spec.cpus, spec.memory) == (2, 1 << 30)
+    qemu_img("compare", "-f", "raw", str(disk), spec.disks[0].path)
+    if shape == "lenient-manifest":
+        warnings = "\n".join(result["warnings"])
+        assert "does not list the descriptor" in warnings and "garbage line" in warnings
+    assert not [n for n in os.listdir(out) if n.startswith(".")]  # the staging copy is gone
+
+
+def test_v2v_hostile_zip_ova_is_one_line_and_writes_nothing(tmp_path):
+    import zipfile
+
+    ova = tmp_path / "evil.ova"
+    with zipfile.ZipFile(ova, "w") as z:
+        z.writestr("a.ovf", "<Envelope/>")
+        z.writestr("../../escape.vmdk", b"x")
+    out = tmp_path / "out"
+    line = one_line_error(p2v("v2v", "--to", "kvm", str(ova), str(out)))
+    assert "'..'" in line
+    assert sorted(os.listdir(tmp_path)) in (["evil.ova"], ["evil.ova", "out"])
+    assert not out.exists() or os.listdir(out) == []
