@@ -262,7 +262,7 @@ def _server(raw: Any, defaults: dict[str, Any], base: str, index: int) -> Server
         verify=_bool(spec.get("verify", True), "verify", name),
         snapshot=_bool(spec.get("snapshot", False), "snapshot", name),
         python=str(spec.get("python", "python3")),
-        max_bandwidth=_rate(spec.get("max_bandwidth"), "max_bandwidth", name),
+        max_bandwidth=_rate(spec.get("max_bandwidth"), "max_bandwidth", f"server {name}"),
     )
     outdir = path(str(spec.get("outdir") or name))
     cutover = _as_list(spec.get("cutover"), "cutover", name)
@@ -290,13 +290,13 @@ def _server(raw: Any, defaults: dict[str, Any], base: str, index: int) -> Server
     )
 
 
-def _rate(value: Any, key: str, name: str) -> float | None:
+def _rate(value: Any, key: str, who: str) -> float | None:
     if value is None:
         return None
     try:
         return parse_rate(value)
     except ValueError as exc:
-        raise JobError(f"{name}: {exc}", key) from exc
+        raise JobError(f"{who}: {exc}", key) from exc
 
 
 def _when(value: Any, key: str) -> datetime | None:

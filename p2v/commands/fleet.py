@@ -35,6 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="5,15,45",
         help="seconds between attempts to reach an unreachable source (default 5,15,45)",
     )
+    p.add_argument(
+        "--commit-seconds",
+        type=float,
+        help="journal a copy's progress this often: what a killed worker may lose (default 30)",
+    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser(
@@ -63,6 +68,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         lease_seconds=args.lease_seconds,
         visibility_timeout=args.visibility_timeout,
         retry_delays=delays,
+        commit_seconds=args.commit_seconds,
     )
 
 

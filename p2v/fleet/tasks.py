@@ -92,41 +92,73 @@ def clone_server(
     self, pid: str, server: dict[str, Any], shared: bool = True, not_after: float | None = None
 ) -> dict[str, Any]:
     """Clone one server into its output, resuming a partial one, under the output's lease."""
+    return _run_step(self, pid, server, "clone", shared, not_after)
+
+
+@app.task(bind=True, name="p2v.cutover", acks_late=True, reject_on_worker_lost=True)
+def cutover_step(
+    self, pid: str, server: dict[str, Any], step: str, shared: bool = True
+) -> dict[str, Any]:
+    """One cut-over step of one server: sync, shutdown, convert or start."""
+    return _run_step(self, pid, server, step, shared, None)
+
+
+def _run_step(
+    task, pid: str, server: dict[str, Any], step: str, shared: bool, not_after: float | None
+) -> dict[str, Any]:
+    """A step under the output's lease, done at most once: a task delivered twice (Redis
+    hands a task to another worker once its visibility timeout passes) finds the step done,
+    or the lease held and comes back later."""
     job = decode_server(server)
     store = _store()
-    if store.step_state(pid, job.name, "clone") == DONE:
-        return {"server": job.name, "step": "clone", "state": DONE, "again": True}
-    if not_after is not None and time.time() > not_after:
-        raise _fail(store, pid, job.name, "clone", "the plan's window closed before it started")
+    answer = {"server": job.name, "step": step, "state": DONE}
+    if store.step_state(pid, job.name, step) == DONE:
+        return {**answer, "again": True}
     try:
+        if not_after is not None and time.time() > not_after:
+            raise StepFailed("the plan's window closed before it started")
         _check_password(job)
         outdir = _outdir(pid, job, shared)
     except StepFailed as exc:
-        raise _fail(store, pid, job.name, "clone", str(exc)) from exc
+        raise _fail(store, pid, job.name, step, str(exc)) from exc
     lease = Lease(
         store.redis,
         f"p2v:lease:{pid}:{job.name}",
         ttl=SETTINGS["lease_seconds"],
-        owner=f"{_worker_name()}:{self.request.id}",
+        owner=f"{_worker_name()}:{task.request.id}",
     )
     if not lease.acquire():
         # another worker writes this output (a task delivered twice, or a worker that
         # stalled): come back once its lease may have lapsed
         log.info("%s: output leased by %s; retrying later", job.name, lease.holder())
-        raise self.retry(countdown=max(1.0, lease.ttl / 2), max_retries=None)
+        raise task.retry(countdown=max(1.0, lease.ttl / 2), max_retries=None)
     try:
+        if store.step_state(pid, job.name, step) == DONE:  # done while we waited
+            return {**answer, "again": True}
         store.update(pid, job.name, worker=_worker_name(), output=outdir)
-        store.step(pid, job.name, "clone", RUNNING)
-        result = _clone_with_retries(store, pid, job, outdir, lease)
+        store.step(pid, job.name, step, RUNNING)
+        try:
+            fields = STEPS[step](store, pid, job, outdir, lease) or {}
+        except StepFailed as exc:
+            raise _fail(store, pid, job.name, step, str(exc)) from exc
+        except Exception as exc:
+            raise _fail(store, pid, job.name, step, str(exc) or type(exc).__name__) from exc
+        store.update(pid, job.name, **fields)
+        # recorded before the lease goes: whoever takes it next finds the step done
+        store.step(pid, job.name, step, DONE)
     finally:
         lease.release()
-    fields: dict[str, Any] = {"bytes_done": sum(d.size for d in result.disks)}
-    fields["bytes_total"] = fields["bytes_done"]
+    return {**answer, "output": outdir}
+
+
+def _clone(store: Store, pid: str, job: ServerJob, outdir: str, lease: Lease) -> dict:
+    result = _clone_with_retries(store, pid, job, outdir, lease)
+    size = sum(d.size for d in result.disks)
+    fields: dict[str, Any] = {"bytes_done": size, "bytes_total": size}
+    fields["resumed_from"] = sum(d.resumed_from for d in result.disks)
     if result.definition:
         fields["definition"] = result.definition
-    store.update(pid, job.name, **fields)
-    store.step(pid, job.name, "clone", DONE)
-    return {"server": job.name, "step": "clone", "state": DONE, "output": outdir}
+    return fields
 
 
 def _clone_with_retries(store: Store, pid: str, job: ServerJob, outdir: str, lease: Lease):
@@ -142,23 +174,13 @@ def _clone_with_retries(store: Store, pid: str, job: ServerJob, outdir: str, lea
             )
         except ConnectError as exc:
             if attempt >= len(delays):
-                raise _fail(
-                    store,
-                    pid,
-                    job.name,
-                    "clone",
-                    f"unreachable after {attempt + 1} attempts: {exc}",
-                ) from exc
+                raise StepFailed(f"unreachable after {attempt + 1} attempts: {exc}") from exc
             delay = delays[attempt]
             attempt += 1
             store.update(
                 pid, job.name, error=f"unreachable, attempt {attempt + 1} in {delay}s: {exc}"
             )
             time.sleep(delay)
-        except StepFailed:
-            raise
-        except Exception as exc:
-            raise _fail(store, pid, job.name, "clone", str(exc) or type(exc).__name__) from exc
 
 
 def _progress(store: Store, pid: str, name: str, lease: Lease):
@@ -186,37 +208,14 @@ def _progress(store: Store, pid: str, name: str, lease: Lease):
     return factory
 
 
-@app.task(bind=True, name="p2v.cutover", acks_late=True, reject_on_worker_lost=True)
-def cutover_step(
-    self, pid: str, server: dict[str, Any], step: str, shared: bool = True
-) -> dict[str, Any]:
-    """One cut-over step of one server: sync, shutdown, convert or start."""
-    job = decode_server(server)
-    store = _store()
-    if store.step_state(pid, job.name, step) == DONE:
-        return {"server": job.name, "step": step, "state": DONE, "again": True}
-    store.step(pid, job.name, step, RUNNING)
-    try:
-        outdir = _outdir(pid, job, shared)
-        STEPS[step](store, pid, job, outdir)
-    except StepFailed as exc:
-        raise _fail(store, pid, job.name, step, str(exc)) from exc
-    except Exception as exc:
-        raise _fail(store, pid, job.name, step, str(exc) or type(exc).__name__) from exc
-    store.step(pid, job.name, step, DONE)
-    return {"server": job.name, "step": step, "state": DONE}
-
-
-def _sync(store: Store, pid: str, job: ServerJob, outdir: str) -> None:
-    _check_password(job)
+def _sync(store: Store, pid: str, job: ServerJob, outdir: str, lease: Lease) -> None:
     opts = SyncOptions(
         compress=job.clone.compress, python=job.clone.python, max_bandwidth=job.clone.max_bandwidth
     )
-    sync(job.connect, outdir, opts)
+    sync(job.connect, outdir, opts, progress_factory=_progress(store, pid, job.name, lease))
 
 
-def _shutdown(store: Store, pid: str, job: ServerJob, outdir: str) -> None:
-    _check_password(job)
+def _shutdown(store: Store, pid: str, job: ServerJob, outdir: str, lease: Lease) -> None:
     session = connect(job.connect)
     try:
         # the connection may drop as the server goes down: that is the step succeeding
@@ -227,7 +226,7 @@ def _shutdown(store: Store, pid: str, job: ServerJob, outdir: str) -> None:
             session.close()
 
 
-def _convert(store: Store, pid: str, job: ServerJob, outdir: str) -> None:
+def _convert(store: Store, pid: str, job: ServerJob, outdir: str, lease: Lease) -> None:
     import importlib.util
 
     if importlib.util.find_spec("drivers.guest") is None:
@@ -245,7 +244,7 @@ def _convert(store: Store, pid: str, job: ServerJob, outdir: str) -> None:
     convert(images, job.clone.target)
 
 
-def _start(store: Store, pid: str, job: ServerJob, outdir: str) -> None:
+def _start(store: Store, pid: str, job: ServerJob, outdir: str, lease: Lease) -> None:
     definition = store.server(pid, job.name).get("definition")
     if not definition or not definition.endswith(".xml"):
         raise StepFailed("no libvirt definition was written (the server's target must be kvm)")
@@ -272,4 +271,10 @@ def _domain_name(path: str) -> str:
     return name
 
 
-STEPS = {"sync": _sync, "shutdown": _shutdown, "convert": _convert, "start": _start}
+STEPS = {
+    "clone": _clone,
+    "sync": _sync,
+    "shutdown": _shutdown,
+    "convert": _convert,
+    "start": _start,
+}

@@ -17,6 +17,7 @@ def run_worker(
     lease_seconds: float = 60.0,
     visibility_timeout: float | None = None,
     retry_delays: tuple[float, ...] = (5, 15, 45),
+    commit_seconds: float | None = None,
 ) -> int:
     """Serve tasks until stopped. Threads, not processes: a clone waits on the network and
     its copy threads release the GIL, and a killed worker takes all its copies with it
@@ -25,6 +26,11 @@ def run_worker(
         raise ValueError("--concurrency must be at least 1")
     if spool:
         os.makedirs(spool, exist_ok=True)
+    if commit_seconds:
+        from p2v import clone
+
+        # how much of a copy a killed worker may lose (each commit flushes the image)
+        clone.COMMIT_SECONDS = commit_seconds
     SETTINGS.update(spool=spool, lease_seconds=lease_seconds, retry_delays=tuple(retry_delays))
     app = configure(broker, visibility_timeout=visibility_timeout)
     app.worker_main(

@@ -140,6 +140,8 @@ class Workers:
                     str(visibility),
                     "--retry-delays",
                     "0.5,0.5",
+                    "--commit-seconds",
+                    "1",
                 ],
                 cwd=ROOT,
                 stdout=log,
@@ -245,3 +247,159 @@ def test_two_waves_on_three_workers_clone_six_sources(sshd, workers, redis_serve
     ends = [float(r.hget(f"p2v:plan:{pid}:server:s{i}", "updated")) for i in range(3)]
     starts = [float(r.hget(f"p2v:plan:{pid}:server:s{i}", "copy_started")) for i in range(3, 6)]
     assert min(starts) >= max(ends)
+
+
+def wait_for(predicate, what: str, timeout: float = DEADLINE, logs=lambda: ""):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{logs()}"
+        time.sleep(0.2)
+
+
+def server_record(r, pid: str, name: str) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in r.hgetall(f"p2v:plan:{pid}:server:{name}").items()}
+
+
+def plan_pid(plan: str) -> str:
+    from p2v.fleet.status import plan_id
+    from p2v.job import load_plan
+
+    loaded = load_plan(plan)
+    return plan_id(loaded.path, loaded.name)
+
+
+def start_run(plan: str, broker: str, tmp_path) -> subprocess.Popen:
+    log = open(tmp_path / "run.log", "w")  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "p2v", "run", plan, "--broker", broker],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def run_log(tmp_path) -> str:
+    return (tmp_path / "run.log").read_text()
+
+
+def test_worker_killed_mid_copy_another_resumes_with_no_second_writer(
+    sshd, workers, redis_server, tmp_path
+):
+    need_tool("qemu-img")
+    from p2v.fleet.lease import foreign_writes, history
+
+    disks = sources(tmp_path, 2, size_mib=48)  # 16 MiB of data each
+    # capped at 2 MB/s: each copy lasts ~8 s, long enough to be killed in the middle
+    servers = [{"name": f"k{i}", "disks": [d], "max_bandwidth": "2M"} for i, d in enumerate(disks)]
+    plan = write_plan(tmp_path, sshd, [servers])
+    pid = plan_pid(plan)
+    r = redis_server.client()
+    (first,) = workers.start(1)
+    run = start_run(plan, redis_server.url, tmp_path)
+    try:
+        # both copies under way on the first worker, some bytes written
+        wait_for(
+            lambda: all(
+                int(server_record(r, pid, s["name"]).get("bytes_done") or 0) > 2 * MiB
+                for s in servers
+            ),
+            "copies under way",
+            logs=workers.logs,
+        )
+        workers.kill(first)
+        workers.start(1)
+        assert run.wait(DEADLINE) == 0, run_log(tmp_path) + workers.logs()
+    finally:
+        if run.poll() is None:
+            run.kill()
+    for s, d in zip(servers, disks):
+        assert_same(d, output_of(tmp_path, s["name"], d))
+        record = server_record(r, pid, s["name"])
+        # the second worker picked up the partial output, not a fresh copy
+        assert int(record["resumed_from"]) > 0
+        key = f"p2v:lease:{pid}:{s['name']}"
+        owners = [e["owner"] for e in history(r, key) if e["event"] == "acquire"]
+        assert len(set(owners)) >= 2  # the killed worker's lease lapsed, another took it
+        assert foreign_writes(r, key) == []
+
+
+def test_redis_restarted_mid_run_loses_nothing(sshd, workers, redis_server, tmp_path):
+    need_tool("qemu-img")
+    disks = sources(tmp_path, 3, size_mib=36)
+    servers = [{"name": f"r{i}", "disks": [d], "max_bandwidth": "2M"} for i, d in enumerate(disks)]
+    plan = write_plan(tmp_path, sshd, [servers[:2], servers[2:]])
+    pid = plan_pid(plan)
+    workers.start(2)
+    run = start_run(plan, redis_server.url, tmp_path)
+    try:
+        r = redis_server.client()
+        wait_for(
+            lambda: int(server_record(r, pid, "r0").get("bytes_done") or 0) > MiB,
+            "a copy under way",
+            logs=workers.logs,
+        )
+        redis_server.stop()
+        time.sleep(2)
+        redis_server.start()
+        assert run.wait(DEADLINE) == 0, run_log(tmp_path) + workers.logs()
+    finally:
+        if run.poll() is None:
+            run.kill()
+    for s, d in zip(servers, disks):
+        assert_same(d, output_of(tmp_path, s["name"], d))
+    status = status_json(plan, redis_server.url)
+    assert [s["state"] for s in status["servers"]] == ["done"] * 3
+
+
+def test_unreachable_source_and_missing_password_fail_alone(sshd, workers, redis_server, tmp_path):
+    need_tool("qemu-img")
+    disks = sources(tmp_path, 2)
+    secret = "hunter2-never-in-redis"
+    servers = [
+        {"name": "good", "disks": [disks[0]]},
+        {"name": "gone", "disks": [disks[1]], "port": free_port()},  # nobody listens
+        {"name": "locked", "disks": [disks[1]], "password_env": "P2V_FLEET_TEST_PASSWORD"},
+    ]
+    plan = write_plan(tmp_path, sshd, [servers])
+    workers.start(1)  # without P2V_FLEET_TEST_PASSWORD
+    res = p2v("run", plan, "--broker", redis_server.url, env={"P2V_FLEET_TEST_PASSWORD": secret})
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stdout + res.stderr
+    assert_same(disks[0], output_of(tmp_path, "good", disks[0]))
+    by_name = {s["name"]: s for s in status_json(plan, redis_server.url)["servers"]}
+    assert by_name["good"]["state"] == "done"
+    assert by_name["gone"]["state"] == "failed"
+    assert "unreachable after 3 attempts" in by_name["gone"]["error"]
+    assert by_name["locked"]["state"] == "failed"
+    assert "P2V_FLEET_TEST_PASSWORD" in by_name["locked"]["error"]
+    assert "\n" not in by_name["gone"]["error"] + by_name["locked"]["error"]
+    # the controller had the password; nothing it sent through Redis carries it
+    redis_server.client().bgrewriteaof()
+    time.sleep(1)
+    for dirpath, _, files in os.walk(redis_server.root):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                assert secret.encode() not in fh.read()
+
+
+def test_malformed_plan_is_refused_in_one_line_and_nothing_submitted(redis_server, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "waves:\n"
+        "  - name: one\n"
+        "    servers:\n"
+        "      - {name: a, host: h1}\n"
+        "      - name: b\n"
+        "        host: h2\n"
+        "        max_bandwidth: lots\n"
+    )
+    res = p2v("run", str(plan), "--broker", redis_server.url)
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "line 7" in lines[0] and "max_bandwidth" in lines[0]
+    assert redis_server.client().dbsize() == 0
