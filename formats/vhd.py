@@ -344,6 +344,7 @@ class SparseVhd(PrescanWrites, Image):
         self._bitmaps: dict[int, np.ndarray | None] = {}  # None: every sector present
         self._lock = threading.Lock()
         self.next_free = self._first_free()
+        self._file_end = file_size(self.fd)
         self._dirty = False
 
     # -- layout --------------------------------------------------------------
@@ -533,6 +534,12 @@ class SparseVhd(PrescanWrites, Image):
             raise UnsupportedFeature("vpc: the file would grow past 2 TiB of block offsets")
         self.bat[idx] = off // SECTOR
         self.next_free = off + self.bitmap_size + self.block_size
+        # the file grows by truncation, not by the bitmap's write past its end: XFS
+        # preallocates past the end of a file that writes extend, blocks the rest of the
+        # block (shared, or left a hole) would then keep
+        if self.next_free > self._file_end:
+            self._file_end = self.next_free
+            os.ftruncate(self.fd, self.next_free)
         self._dirty = True
         return off // SECTOR
 
