@@ -180,6 +180,7 @@ class Migration:
         self._error: str | None = None
         self._source_running = True
         self._resumed = False
+        self._memory_verified = False
         self._features: list[str] = []
         self._bandwidth = 0.0
         self._bandwidths: list[float] = []  # the last two rounds' that say something
@@ -419,6 +420,7 @@ class Migration:
             raise ProtocolError(f"{ftype.name} frame, expected the destination's ACK")
         if wire.parse_body(wire.Ack, body, "ACK").memory_digest != digest:
             raise ProtocolError("the destination acknowledged a different memory digest")
+        self._memory_verified = True
         phase("acknowledge")
         # the destination holds everything: from here the source must never run again
         self._committed = True
@@ -890,6 +892,7 @@ class Migration:
             error=self._error,
             source_running=self._source_running,
             destination_resumed=self._resumed,
+            memory_verified=self._memory_verified,
             total_time=total,
             setup_time=self._setup_time,
             downtime=self._downtime,

@@ -16,6 +16,7 @@ ACK.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
@@ -96,6 +97,8 @@ class ReceiverOptions:
 class ReceiveReport:
     completed: bool  # the guest runs here now
     error: str | None
+    #: END's digest of every page's fingerprint matched the memory received
+    memory_verified: bool
     memory_size: int
     page_size: int
     channels: int
@@ -141,6 +144,9 @@ class Receiver:
         self._threads: list[threading.Thread] = []
         self._peer_aborted = False  # the source told us why: no ABORT back
         self._refused = False
+        #: the source's HELLO was accepted: from here a failure is the migration's
+        self.welcomed = False
+        self._memory_verified = False
 
     # -- the run ----------------------------------------------------------------------
 
@@ -199,6 +205,7 @@ class Receiver:
             )
         )
         ch0.send(FrameType.WELCOME, [welcome])
+        self.welcomed = True
         extra: dict[int, Channel] = {}
         while len(extra) < hello.channels - 1:
             assert self.accept is not None
@@ -421,6 +428,7 @@ class Receiver:
         digest = pg.memory_digest(self.fp)
         if digest != end.memory_digest:
             raise ProtocolError("END: memory checksum mismatch: pages were lost or damaged")
+        self._memory_verified = True
         self.target.load_device_state(state)
         ch0.send(FrameType.ACK, [wire.Ack.build(dict(memory_digest=digest))])
         ch0.expect(FrameType.GO)
@@ -470,6 +478,7 @@ class Receiver:
         report = ReceiveReport(
             completed=completed,
             error=error,
+            memory_verified=self._memory_verified,
             memory_size=g.memory_size if g else 0,
             page_size=g.page_size if g else 0,
             channels=len(self.channels),
@@ -500,22 +509,52 @@ def receive(
 
 
 def serve(
-    listener: Listener, target_factory: TargetFactory, options: ReceiverOptions | None = None
+    listener: Listener,
+    target_factory: TargetFactory,
+    options: ReceiverOptions | None = None,
+    *,
+    once: bool = False,
 ) -> ReceiveReport:
     """Wait on `listener` for one migration, receive it, and return.
 
+    A connection refused before its handshake completes (not the protocol, another
+    version, a failed TLS handshake, a client certificate we do not trust) is logged in
+    one line and the wait goes on: the migration this receiver was started for may still
+    come. `once` returns the first connection's report whatever it was.
+
     The source connects all its channels before it says HELLO; over TLS each connection
     waits for its handshake, so the extra channels are accepted (and their handshakes
-    done) by a thread from the first connection on, not when HELLO asks for them.
+    done) by a thread from the first connection on, not when HELLO asks for them. What
+    that thread accepted for a refused connection is tried next, in order.
     """
     options = options or ReceiverOptions()
+    backlog: collections.deque[Stream] = collections.deque()
+    while True:
+        first = backlog.popleft() if backlog else _accept_first(listener)
+        receiver = Receiver(first, None, target_factory, options)
+        report, leftovers = _receive_with_acceptor(listener, receiver, options)
+        if once or receiver.welcomed:
+            for stream in leftovers:
+                stream.close()
+            return report
+        log.warning("refused a connection before its handshake: %s", report.error)
+        backlog.extend(leftovers)
+
+
+def _accept_first(listener: Listener) -> Stream:
     while True:
         try:
-            first = listener.accept()
-            break
+            return listener.accept()
         except TransportError as exc:
             # a client without the certificate we ask for is not the source: keep waiting
             log.warning("refused a connection: %s", exc)
+
+
+def _receive_with_acceptor(
+    listener: Listener, receiver: Receiver, options: ReceiverOptions
+) -> tuple[ReceiveReport, list[Stream]]:
+    """Run `receiver` with a thread accepting its extra channels; the report, and the
+    connections accepted that nobody asked for."""
     pending: queue.Queue = queue.Queue()
     done = threading.Event()
 
@@ -539,14 +578,17 @@ def serve(
             raise item
         return item
 
+    receiver.accept = accept
     acceptor = threading.Thread(target=accept_more, name="p2v-accept", daemon=True)
     acceptor.start()
     try:
-        return receive(first, target_factory, options, accept)
+        report = receiver.run()
     finally:
         done.set()
         acceptor.join()
-        while not pending.empty():  # connections nobody asked for
-            item = pending.get()
-            if not isinstance(item, BaseException):
-                item.close()
+    leftovers = []
+    while not pending.empty():
+        item = pending.get()
+        if not isinstance(item, BaseException):
+            leftovers.append(item)
+    return report, leftovers

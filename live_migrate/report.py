@@ -60,6 +60,8 @@ class MigrationReport:
     error: str | None  # why it failed or was cancelled
     source_running: bool  # the guest runs on the source afterwards
     destination_resumed: bool  # the destination confirmed the guest runs there
+    #: the destination acknowledged the memory digest of END: it holds every page sent
+    memory_verified: bool
     total_time: float
     setup_time: float
     downtime: float | None  # pause -> destination's RESUMED received; measured

@@ -59,12 +59,14 @@ def receive_on(
     target: str = "sim",
     keep: bool = False,
     on_listening: Callable[[tuple[str, int]], None] | None = None,
+    once: bool = False,
 ) -> ReceiveReport:
-    """Listen on `address`, receive one migration, return."""
+    """Listen on `address`, receive one migration, return (`once`: whatever the first
+    connection brought; else connections refused before their handshake are skipped)."""
     with Listener(address, tls=tls) as listener:
         if on_listening is not None:
             on_listening(listener.address)
-        return serve(listener, target_factory(target, keep=keep), options)
+        return serve(listener, target_factory(target, keep=keep), options, once=once)
 
 
 def receive_stdio(

@@ -137,7 +137,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser(
         "receive",
         help="receive a live migration (the destination side)",
-        description="Wait for one `p2v migrate`, build the guest here, resume it, exit.",
+        description="Wait for one `p2v migrate`, build the guest here, resume it, exit. "
+        "Connections refused before their handshake (garbage, another protocol version, a "
+        "failed TLS handshake) are logged and the wait goes on, unless --once.",
     )
     where = r.add_mutually_exclusive_group(required=True)
     where.add_argument("--listen", metavar="ADDR:PORT", help=f"default port {RECEIVE_PORT}")
@@ -158,6 +160,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--tls-key", help="key of --tls-cert")
     r.add_argument("--tls-client-ca", help="require a client certificate signed by this CA")
     r.add_argument("--json", metavar="REPORT", help="write the JSON report to this file")
+    r.add_argument(
+        "--once",
+        action="store_true",
+        help="end after the first connection, even one refused before its handshake "
+        "(default: log it and keep waiting for the migration)",
+    )
     r.add_argument("--output", choices=("human", "json"), default="human")
     r.set_defaults(func=cmd_receive)
 
@@ -329,6 +337,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
             target=args.target,
             keep=args.keep,
             on_listening=listening,
+            once=args.once,
         )
         out = sys.stdout
     text = json.dumps(to_jsonable(report), indent=4)

@@ -3,8 +3,9 @@
 `start_receiver()` runs this module as a script: it imports only live_migrate (the
 `p2v` command imports every subcommand, which costs a second per start), listens on a
 free port, prints it, receives migrations one after the other (`--count`) and prints
-each receiver's report as a line of JSON. The `p2v receive` command itself is tested in
-test_cli.py.
+each receiver's report as a line of JSON, refused connections included (serve's `once`:
+the tests here look at those reports). The `p2v receive` command itself, which keeps
+waiting after a refused connection, is tested in test_cli.py.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def main() -> None:
     listening(listener.address)
     factory = target_factory("sim", keep=args.keep, prealloc=args.prealloc)
     for _ in range(args.count):
-        report = serve(listener, factory, options)
+        report = serve(listener, factory, options, once=True)
         print(json.dumps(dataclasses.asdict(report)), flush=True)
 
 

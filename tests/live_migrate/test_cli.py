@@ -92,8 +92,8 @@ def test_migrate_command_fails_cleanly_without_a_receiver() -> None:
     assert "Traceback" not in res.stderr
 
 
-def test_receive_command_refuses_a_bad_stream() -> None:
-    receiver, address = start_cli_receiver()
+def test_receive_command_with_once_ends_at_a_bad_stream() -> None:
+    receiver, address = start_cli_receiver("--once")
     host, port = address.rsplit(":", 1)
     import socket
 
@@ -103,6 +103,86 @@ def test_receive_command_refuses_a_bad_stream() -> None:
     assert receiver.returncode == 1
     result = json.loads(out)
     assert not result["completed"] and "bad magic" in result["error"]
+
+
+def _refused_connections(address: str, pki: dict[str, str], stranger: dict[str, str]) -> int:
+    """Connect as everything that is not the migration: garbage instead of TLS, TLS
+    without a client certificate and with one from another CA, then, trusted, garbage
+    and a HELLO of another protocol version. How many were tried."""
+    import socket
+    import ssl
+
+    from live_migrate import wire
+    from live_migrate.transport import tls_client_context
+
+    host, port = address.rsplit(":", 1)
+    ca = pki["ca"] + ".crt"
+    hello = wire.Hello.build(
+        dict(version=2, page_size=4096, page_count=16, features=0, channels=1, session=bytes(16))
+    )
+    framed = wire.build_frame_header(wire.FrameType.HELLO, len(hello), 0) + hello
+    tries: list[tuple[ssl.SSLContext | None, bytes]] = [
+        (None, b"GET / HTTP/1.1\r\n\r\n" + b"\0" * 64),
+        (tls_client_context(ca), b"\0" * 64),
+        (tls_client_context(ca, stranger["client"] + ".crt", stranger["client"] + ".key"), b""),
+        (tls_client_context(ca, pki["client"] + ".crt", pki["client"] + ".key"), b"\1" * 64),
+        (tls_client_context(ca, pki["client"] + ".crt", pki["client"] + ".key"), framed),
+    ]
+    for ctx, data in tries:
+        with socket.create_connection((host, int(port)), timeout=30) as raw:
+            try:
+                s = ctx.wrap_socket(raw, server_hostname=host) if ctx else raw
+                s.sendall(data)
+                s.recv(4096)  # the refusal (a WELCOME, an alert) or the close
+            except (ssl.SSLError, OSError):
+                pass  # refused during the TLS handshake
+    return len(tries)
+
+
+def test_receive_command_keeps_waiting_after_refused_connections(tmp_path) -> None:
+    """Every connection refused before its handshake is one log line; the migration the
+    receiver was started for still arrives, and its report says the memory verified."""
+    from tests.live_migrate.pki import make_pki
+
+    pki, stranger = make_pki(str(tmp_path), "good"), make_pki(str(tmp_path), "other")
+    receiver, address = start_cli_receiver(
+        "--tls-cert",
+        pki["server"] + ".crt",
+        "--tls-key",
+        pki["server"] + ".key",
+        "--tls-client-ca",
+        pki["ca"] + ".crt",
+    )
+    try:
+        tried = _refused_connections(address, pki, stranger)
+        res = p2v(
+            "migrate",
+            "--guest",
+            "sim:8M",
+            "--to",
+            address,
+            "--tls-ca",
+            pki["ca"] + ".crt",
+            "--tls-cert",
+            pki["client"] + ".crt",
+            "--tls-key",
+            pki["client"] + ".key",
+            "--json",
+            str(tmp_path / "sent.json"),
+            "--no-progress",
+        )
+        assert res.returncode == 0, res.stderr + res.stdout
+        out, err = receiver.communicate(timeout=60)
+    finally:
+        receiver.kill()
+    assert receiver.returncode == 0, err
+    refusals = [line for line in err.splitlines() if "refused a connection" in line]
+    assert len(refusals) == tried, err
+    assert "Traceback" not in err
+    received = json.loads(out)
+    assert received["completed"] and received["memory-verified"] is True
+    with open(tmp_path / "sent.json") as f:
+        assert json.load(f)["memory_verified"] is True
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from live_migrate.engine import Migration, MigrationOptions
-from live_migrate.guest import DirtyTracking, Geometry, StateFormat
 from live_migrate.guests.sim import SimGuest, parse_spec
 from live_migrate.states import MigrationState
 from live_migrate.transport import open_channels
 from tests.live_migrate.receiver_process import ReceiverProcess, start_receiver
+from tests.live_migrate.stepped import SteppedGuest, SteppedMigration
 
 DONE = [
     MigrationState.SETUP,
@@ -217,66 +217,27 @@ def test_source_is_running_when_not_converging_within_time_limit(
         assert not result["completed"] and "aborted" in result["error"]
 
 
-class FlipGuest:
-    """A guest in this process whose pages turn zero and back between rounds (written
-    just before each collection of dirty pages): the kept copy of a page announced as
-    zero must read zero, and a zero page written again must go again."""
+def flip(guest: SteppedGuest) -> None:
+    """Between rounds: zero some data pages, fill some zero pages, for 4 rounds."""
+    if guest.rounds > 4:
+        return
+    mem = guest.mem
+    first = (guest.rounds * 7) % 3  # a different third of the pages each time
+    pages = np.arange(first, len(mem), 3)[: len(mem) // 8]
+    zero = ~mem[pages].any(axis=1)
+    mem[pages[zero]] = guest.rounds  # zero pages get data
+    mem[pages[~zero]] = 0  # data pages turn zero
+    guest.dirty(pages)
 
-    state_format = StateFormat.SIM
 
-    def __init__(self, pages: int, dirty: str) -> None:
-        rng = np.random.default_rng(5)
-        self.mem = rng.integers(1, 2**63, size=(pages, 512), dtype=np.uint64)
-        self.mem[::3] = 0
-        self.tracking = DirtyTracking(dirty)
-        self.log = np.zeros(pages, dtype=bool)
-        self.paused = False
-        self.rounds = 0
-
-    geometry = property(lambda self: Geometry(4096, len(self.mem)))
-    dirty_tracking = property(lambda self: self.tracking)
-    is_paused = property(lambda self: self.paused)
-    can_throttle = False
-
-    def memory(self) -> memoryview:
-        return memoryview(self.mem).cast("B")
-
-    def start_dirty_log(self) -> None:
-        self.log[:] = False
-
-    def collect_dirty_log(self) -> np.ndarray:
-        out, self.log = self.log, np.zeros_like(self.log)
-        return out
-
-    def stop_dirty_log(self) -> None:
-        pass
-
-    def write(self) -> None:
-        """Between rounds: zero some data pages, fill some zero pages, for 4 rounds."""
-        self.rounds += 1
-        if self.rounds > 4:
-            return
-        first = (self.rounds * 7) % 3  # a different third of the pages each time
-        pages = np.arange(first, len(self.mem), 3)[: len(self.mem) // 8]
-        zero = ~self.mem[pages].any(axis=1)
-        self.mem[pages[zero]] = self.rounds  # zero pages get data
-        self.mem[pages[~zero]] = 0  # data pages turn zero
-        self.log[pages] = True
-
-    def pause(self) -> None:
-        self.paused = True
-
-    def resume(self) -> None:
-        self.paused = False
-
-    def set_throttle(self, fraction: float) -> None:
-        pass
-
-    def save_device_state(self) -> bytes:
-        return b"flip"
-
-    def finish(self) -> None:
-        pass
+def flip_guest(pages: int, dirty: str) -> SteppedGuest:
+    """A guest whose pages turn zero and back between rounds (written just before each
+    collection of dirty pages): the kept copy of a page announced as zero must read
+    zero, and a zero page written again must go again."""
+    rng = np.random.default_rng(5)
+    mem = rng.integers(1, 2**63, size=(pages, 512), dtype=np.uint64)
+    mem[::3] = 0
+    return SteppedGuest(mem, dirty, flip)
 
 
 @pytest.mark.parametrize(
@@ -287,22 +248,16 @@ class FlipGuest:
 def test_pages_turning_zero_and_back_migrate_exactly(
     receiver: ReceiverProcess, dirty: str, options: dict
 ) -> None:
-    guest = FlipGuest(600, dirty)
-
-    class FlipMigration(Migration):
-        def _collect(self) -> np.ndarray:
-            if not guest.paused:
-                guest.write()
-            return super()._collect()
-
+    guest = flip_guest(600, dirty)
     # no prediction fits a limit this small: rounds go on while the guest writes, and
     # stop when nothing is dirty
     opts = MigrationOptions(max_downtime=1e-9, **options)
-    report = FlipMigration(guest, open_channels(receiver.address, 1), opts).run()
+    report = SteppedMigration(guest, open_channels(receiver.address, 1), opts).run()
     result = receiver.result()
     assert report.completed, report.error
     assert guest.rounds >= 5 and len(report.rounds) >= 5
     assert result["memory_sha256"] == hashlib.sha256(guest.mem.data).hexdigest()
+    assert result["memory_verified"] and report.memory_verified
     # round 0 sends every page; then four writes of 75 pages each, half of them turning
     # zero: they travel as flags
     assert report.pages.total == 600 + 4 * 75
@@ -314,7 +269,7 @@ def test_a_nonzero_page_whose_fingerprint_is_zero_goes_as_data(receiver: Receive
     fingerprint is 0: a page of data with fingerprint 0 must still go as data."""
     from live_migrate import pages as pg
 
-    guest = FlipGuest(64, "log")
+    guest = flip_guest(64, "log")
     w = pg.fingerprint_weights(4096)
     guest.mem[7] = 0
     guest.mem[7, 0], guest.mem[7, 1] = w[1], ~w[0] + np.uint64(1)  # w0*w1 - w1*w0 = 0

@@ -92,6 +92,8 @@ def test_corrupted_page_data_is_caught_by_the_memory_checksum() -> None:
     assert "checksum" in report.error
     assert report.source_running and not paused
     assert not result["completed"] and result["kept"] is None and result["resumed_at"] is None
+    assert not result["memory_verified"] and "checksum" in result["error"]
+    assert not report.memory_verified
 
 
 def corrupt_page_number(ftype, index, header, body):
