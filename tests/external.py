@@ -91,3 +91,9 @@ def qemu_io(fmt: str, path: str, *commands: str) -> None:
     res = run([*cmd, path])
     if res.returncode != 0 or "error" in res.stdout.lower() or "failed" in res.stdout.lower():
         raise AssertionError(f"qemu-io {commands} on {path}: {res.stdout}{res.stderr}")
+
+
+#: how long a bounded operation (a hostile image refused, a huge table walked) may take
+#: before a test calls it a hang: far above any machine's time for it, so that a loaded
+#: machine never turns such a test red, and far below what an unbounded loop would take
+HANG_SECONDS = 120

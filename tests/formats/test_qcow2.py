@@ -19,7 +19,7 @@ from formats import qcow2
 from formats.convert import convert
 from formats.extents import Kind
 from formats.qcow2 import layout as L
-from tests.external import qemu_img, qemu_io, run
+from tests.external import HANG_SECONDS, qemu_img, qemu_io, run
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -419,7 +419,7 @@ def test_huge_sparse_image_stays_small_in_memory(tmp_path):
     with formats.open(path) as img:
         kinds = list(img.extents())
         assert sum(e.length for e in kinds if e.kind == Kind.DATA) == 8 * 65536
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < HANG_SECONDS
     qemu_check(path)
 
 
@@ -507,7 +507,7 @@ def test_damaged_images_fail_fast_with_format_error(tmp_path, victim, case):
     t0 = time.monotonic()
     with pytest.raises(formats.FormatError) as exc, formats.open(path, "qcow2") as img:
         img.read(0, img.size)
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < HANG_SECONDS
     assert "\n" not in str(exc.value)
     if case in ("incompatible bit", "encrypted"):
         assert isinstance(exc.value, formats.UnsupportedFeature)
@@ -599,7 +599,7 @@ def test_partial_write_into_preallocated_zero_cluster_keeps_zeros(tmp_path):
     assert qemu_raw(tmp_path, path) == want
 
 
-def test_many_snapshots_open_and_check_quickly(tmp_path):
+def test_many_snapshots_open_and_check_without_hanging(tmp_path):
     path = qemu_create(tmp_path / "s.qcow2", MiB, "compat=0.10")
     qemu_io("qcow2", path, "write -P 1 0 64k")
     data = bytearray(Path(path).read_bytes())
@@ -612,7 +612,7 @@ def test_many_snapshots_open_and_check_quickly(tmp_path):
     with formats.open(path) as img:
         assert len(img.info()["snapshots"]) == 65536
         assert img.check().exit_code == 2  # the table's clusters have no refcount
-    assert time.monotonic() - t0 < 10  # about 1 s on an idle machine
+    assert time.monotonic() - t0 < HANG_SECONDS
 
 
 @pytest.mark.parametrize("ctype", ["zlib", "zstd"])

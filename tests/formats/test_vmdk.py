@@ -18,7 +18,7 @@ from formats.convert import convert
 from formats.extents import Kind
 from formats.vmdk import descriptor as dd
 from formats.vmdk import layout as L
-from tests.external import need_module, qemu_img, qemu_io
+from tests.external import HANG_SECONDS, need_module, qemu_img, qemu_io
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -544,7 +544,7 @@ def test_descriptor_parsing_is_strict(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(formats.FormatError, match="cap"):
         formats.open(str(big), "vmdk")
-    assert time.monotonic() - t0 < 1
+    assert time.monotonic() - t0 < HANG_SECONDS
 
 
 @pytest.mark.parametrize("name", ["../outside-flat.vmdk", "/etc/passwd", "link-flat.vmdk"])
@@ -575,7 +575,7 @@ def fails_cleanly(path, *, via="extents"):
     with pytest.raises(formats.FormatError) as info, formats.open(path, "vmdk") as img:
         list(img.extents())
         img.read(0, img.size)
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < HANG_SECONDS
     assert "\n" not in str(info.value)
     return info.value
 

@@ -13,7 +13,7 @@ import pytest
 from live_migrate.engine import Migration, MigrationOptions
 from live_migrate.guests.sim import SimGuest, parse_spec
 from live_migrate.states import MigrationState
-from live_migrate.transport import open_channels
+from live_migrate.transport import RateLimiter, open_channels
 from tests.live_migrate.receiver_process import ReceiverProcess, start_receiver
 from tests.live_migrate.stepped import SteppedGuest, SteppedMigration
 
@@ -133,14 +133,24 @@ def test_bandwidth_cap_is_respected(migrate_sim) -> None:
     check_completed(report, *rest)
     first = report.rounds[0]
     assert first.bytes_sent > 24e6
-    # a token bucket with a 20 ms burst: within a few percent of the cap
+    # a token bucket with a 20 ms burst: within a few percent of the cap (a loaded
+    # machine only stays further below it)
     assert first.bandwidth < cap * 1.05
-    assert first.bandwidth > cap * 0.4  # a loaded machine may not even reach the cap
 
 
 @pytest.mark.parametrize("capped", [False, True], ids=["final-uncapped", "final-capped"])
-def test_the_cap_is_lifted_while_the_guest_is_paused(migrate_sim, capped: bool) -> None:
+def test_the_cap_is_lifted_while_the_guest_is_paused(
+    migrate_sim, monkeypatch, capped: bool
+) -> None:
     # QEMU sends its final stage unlimited: a paused guest waits for every byte
+    drawn = {True: 0, False: 0}  # bytes through the bucket, by whether it was enforced
+    take = RateLimiter.take
+
+    def counting(self: RateLimiter, n: int) -> None:
+        drawn[self.enabled] += n
+        take(self, n)
+
+    monkeypatch.setattr(RateLimiter, "take", counting)
     cap = 10e6
     spec = "sim:16M,workload=hotset,hot=2M,skew=1,rate=20M,fill=random"
     report, *rest = migrate_sim(spec, max_bandwidth=cap, cap_switch_over=capped)
@@ -149,9 +159,12 @@ def test_the_cap_is_lifted_while_the_guest_is_paused(migrate_sim, capped: bool) 
     assert final.bytes_sent > 200e3, "the final round carries hot pages"
     assert report.rounds[0].bandwidth < cap * 1.05
     if capped:
+        assert drawn[False] == 0
         assert final.bandwidth < cap * 1.3  # within a 20 ms burst
     else:
-        assert final.bandwidth > cap * 2
+        # the final round's pages (and END's replies) went around the bucket
+        assert drawn[False] >= final.bytes_sent * 0.9
+        assert drawn[True] < report.bytes_sent - final.bytes_sent * 0.9
 
 
 def test_rounds_go_on_while_they_halve(migrate_sim) -> None:
