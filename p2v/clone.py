@@ -393,7 +393,7 @@ def _plan(disk: RemoteDisk, skip_unused: bool) -> tuple[list[Extent], int | None
     """What to copy: the filesystems' used blocks, or the whole disk."""
     if not skip_unused:
         return [Extent(0, disk.size, Kind.DATA)], None
-    from formats.filesystems import used_extents
+    from formats.disk import used_extents
 
     extents = used_extents(disk)
     disk.drop_cache()

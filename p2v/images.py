@@ -193,14 +193,14 @@ def run_convert(req: ConvertRequest, progress=None) -> ConvertStats:
 
             view = partitions.partition_image(src, req.partition)
         if req.wrap_partition:
-            from formats import partitions
+            from formats import disk
 
-            view = partitions.wrap_partition(view, req.table)
+            view = disk.wrap_partition(view, req.table)
         only = None
         if req.skip_unused:
-            from formats import filesystems
+            from formats import disk
 
-            only = filesystems.used_extents(view)
+            only = disk.used_extents(view)
         return convert(
             view,
             req.output,

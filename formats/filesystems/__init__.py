@@ -1,10 +1,10 @@
 """Filesystems' used-block maps: what `--skip-unused` copies, like partclone.
 
     detect(image) -> "ext4" | "vfat" | "ntfs" | "xfs" | "swap" | "LVM2_member" | ... | None
-    used_extents(image) -> list[Extent]   (DATA = used, ZERO = free; covers [0, size))
+    map_volume(image, label) -> Ranges   (the used byte ranges of one volume)
 
 One module per filesystem, each with `probe(head) -> name | None` and
-`used(image) -> Ranges`. For a whole disk, the partition table's own sectors and
+`used(image) -> Ranges`. A whole disk is mapped by formats/disk.py's `used_extents`: the partition table's own sectors and
 everything before the first partition (where BIOS boot loaders hide) are DATA, each
 partition is mapped by the filesystem inside it, gaps between partitions are ZERO. A
 partition whose filesystem is unknown or damaged is copied whole, with a warning that
@@ -19,13 +19,11 @@ import logging
 from types import ModuleType
 
 from ..errors import FormatError
-from ..extents import Extent
 from ..image import Image
-from ..views import WindowImage
 from . import ranges
 from .ranges import Ranges
 
-__all__ = ["detect", "map_volume", "used_extents", "used_ranges"]
+__all__ = ["detect", "map_volume"]
 
 log = logging.getLogger(__name__)
 
@@ -94,35 +92,3 @@ def map_volume(image: Image, label: str) -> Ranges:
     finally:
         _depth.reset(token)
     return ranges.clip(r, 0, image.size)
-
-
-def used_ranges(image: Image) -> Ranges:
-    """Used byte ranges of a whole disk, or of a bare filesystem image."""
-    from ..partitions import gpt, read_table
-
-    whole = ranges.span(0, image.size)
-    try:
-        table = read_table(image)
-    except FormatError as exc:
-        log.warning("partition table unusable (%s); the whole disk is copied", exc)
-        return whole
-    if table is None:
-        return map_volume(image, image.path or "the image")
-    parts = [ranges.span(off, off + n) for off, n in table.metadata]
-    data = [p for p in table.partitions if not p.is_container]
-    if not data:
-        return whole  # a table without partitions: we cannot tell what the disk holds
-    parts.append(ranges.span(0, min(p.start for p in data)))
-    for p in data:
-        if table.kind == "gpt" and p.type in gpt.RAW_TYPES:
-            parts.append(ranges.span(p.start, p.end))  # BIOS boot, MS reserved: no filesystem
-            continue
-        view = WindowImage(image, p.start, p.size)
-        parts.append(ranges.shift(map_volume(view, f"partition {p.number}"), p.start))
-    return ranges.merge(parts)
-
-
-def used_extents(image: Image) -> list[Extent]:
-    """DATA where a filesystem (or the partition table) uses the disk, ZERO where it is
-    free; coalesced, covering [0, image.size)."""
-    return ranges.to_extents(used_ranges(image), image.size)

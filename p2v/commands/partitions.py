@@ -48,10 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_partitions(args: argparse.Namespace) -> int:
-    from formats import partitions  # loaded when used: `p2v` starts sooner
+    from formats import disk  # loaded when used: `p2v` starts sooner
 
     with formats.open(args.image, args.fmt) as img:
-        layout = partitions.describe(img)
+        layout = disk.describe(img)
     if args.output == "json":
         print_json(layout)
         return 0

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 import formats
 from formats import partitions
+from formats.disk import used_extents, used_ranges
 from formats.extents import Kind
-from formats.filesystems import ranges, used_extents, used_ranges
+from formats.filesystems import ranges
 from tests.external import need_tool
 from tests.formats.filesystems.fsbuild import OLD_DATA, MiB, old_disk, run, skip_unused, write_tree
 from tests.formats.memimage import MemoryImage, mutate_and_run

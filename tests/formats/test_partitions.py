@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import formats
+import formats.disk
 from formats import partitions
 from formats.extents import Kind
 from formats.partitions import Partition, PartitionTable, gpt, mbr
@@ -310,7 +311,7 @@ def test_wrapped_partition_is_a_valid_disk_holding_it(tmp_path, kind):
         b.seek(MiB)
         assert a.read() == b.read(9 * MiB + 512)
     with formats.open(part, "raw") as pimg:
-        wrapped = partitions.wrap_partition(pimg, kind)
+        wrapped = formats.disk.wrap_partition(pimg, kind)
         ext = list(wrapped.extents())
         assert ext[0].start == 0 and ext[0].kind == Kind.DATA  # the table is data
         assert sum(e.length for e in ext) == wrapped.size
@@ -331,7 +332,7 @@ def test_describe_names_filesystems(tmp_path):
             dst.seek(p.start)
             dst.write(src.read())
     with formats.open(path, "raw") as disk:
-        layout = partitions.describe(disk)
+        layout = formats.disk.describe(disk)
     assert layout.label == "gpt"
     assert [e.filesystem for e in layout.partitions] == ["vfat", "swap", None]
 

@@ -210,13 +210,13 @@ def _volume(data: bytes, size: int | None = None):
 
 def partitions_target(data: bytes) -> None:
     import formats
-    from formats import partitions
+    from formats import disk, partitions
 
     img = _volume(data)
     with rules(data):
         try:
             table = partitions.read_table(img)
-            partitions.describe(img)
+            disk.describe(img)
             if table is not None:
                 for p in table.partitions[:8]:
                     part = partitions.partition_image(img, p.number)
@@ -242,13 +242,13 @@ def _check_map(used, size: int) -> None:
 
 def filesystems_target(data: bytes) -> None:
     import formats
-    from formats import filesystems
+    from formats import disk, filesystems
 
     img = _volume(data, FS_VOLUME)
     with rules(data):
         try:
             filesystems.detect(img)
-            extents = filesystems.used_extents(img)
+            extents = disk.used_extents(img)
         except formats.FormatError:
             return
     pos = 0

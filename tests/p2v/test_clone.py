@@ -87,7 +87,7 @@ def test_skip_unused_copies_used_blocks_only_and_is_fsck_clean(sshd, server_disk
     # the garbage in free space was not copied, so the images differ as a whole...
     assert not _identical(disk, d.image, "raw")
     # ...but agree on every block a filesystem uses
-    from formats.filesystems import used_extents
+    from formats.disk import used_extents
 
     with formats.open(disk, "raw") as src, formats.open(d.image, "raw") as img:
         used = [e for e in used_extents(src) if e.kind == Kind.DATA]

@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import formats
+from formats.disk import used_extents
 from formats.extents import Kind
-from formats.filesystems import detect, ext4, ranges, used_extents
+from formats.filesystems import detect, ext4, ranges
 from tests.external import need_root, need_tool
 from tests.formats.filesystems.fsbuild import (
     MiB,

@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import formats
+from formats.disk import used_ranges
 from formats.extents import Kind
-from formats.filesystems import detect, lvm, ranges, used_ranges
+from formats.filesystems import detect, lvm, ranges
 from tests.external import need_root, need_tool
 from tests.formats.filesystems.fsbuild import MiB, old_disk, run, skip_unused
 from tests.formats.memimage import MemoryImage, mutate_and_run
@@ -204,7 +205,7 @@ def test_damaged_label_or_metadata_is_copied_whole(pv, caplog):
         r = used_ranges(img)
     assert ranges.covered(r) == len(data)
     assert "checksum" in caplog.text
-    assert [e.kind for e in formats.filesystems.used_extents(img)] == [Kind.DATA]
+    assert [e.kind for e in formats.disk.used_extents(img)] == [Kind.DATA]
 
 
 @settings(max_examples=300, deadline=None)

@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import formats
+from formats.disk import used_extents
 from formats.extents import Kind
-from formats.filesystems import detect, ntfs, ranges, used_extents
+from formats.filesystems import detect, ntfs, ranges
 from tests.external import need_tool
 from tests.formats.filesystems.fsbuild import (
     MiB,

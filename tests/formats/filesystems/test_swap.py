@@ -7,8 +7,9 @@ import logging
 import pytest
 
 import formats
+from formats.disk import used_extents
 from formats.extents import Kind
-from formats.filesystems import detect, ranges, swap, used_extents
+from formats.filesystems import detect, ranges, swap
 from tests.external import need_tool
 from tests.formats.filesystems.fsbuild import MiB, nonzero_bytes, old_disk, run, skip_unused
 from tests.formats.memimage import MemoryImage

@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import formats
+from formats.disk import used_extents
 from formats.extents import Kind
 from formats.fileio import punch_hole
-from formats.filesystems import detect, ranges, used_extents, xfs
+from formats.filesystems import detect, ranges, xfs
 from tests.external import need_root, need_tool
 from tests.formats.filesystems.fsbuild import (
     MiB,
