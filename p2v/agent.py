@@ -184,55 +184,102 @@ def _kill(proc):
         pass
 
 
-def _read_text(path, default=None):
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except (IOError, OSError, UnicodeDecodeError):  # IOError: Python 2's open()
-        return default
-
-
-def _read_int(path, default=None):
-    text = _read_text(path)
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        return default
-
-
 # -- inventory ----------------------------------------------------------------------
+
+
+class Host(object):
+    """The files and facts inventory reads. The agent reads this machine; on a server with
+    no Python, p2v/shell_agent.py hands the same functions a copy of those files that
+    shell tools dumped, so both modes describe a machine with the same code."""
+
+    def read_bytes(self, path, limit=1 << 20):
+        try:
+            with open(path, "rb") as f:
+                return f.read(limit)
+        except (IOError, OSError):  # IOError: Python 2's open()
+            return None
+
+    def read_text(self, path, default=None):
+        data = self.read_bytes(path)
+        if data is None:
+            return default
+        try:
+            return data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return default
+
+    def read_int(self, path, default=None):
+        try:
+            return int(self.read_text(path))
+        except (TypeError, ValueError):
+            return default
+
+    def listdir(self, path):
+        return os.listdir(path)
+
+    def exists(self, path):
+        return os.path.exists(path)
+
+    def isdir(self, path):
+        return os.path.isdir(path)
+
+    def readlink(self, path):
+        return os.readlink(path)
+
+    def hostname(self):
+        return socket.gethostname()
+
+    def uname(self):
+        u = os.uname()  # platform.uname() is a plain tuple before 2.7
+        return {"release": u[2], "version": u[3], "machine": u[4]}
+
+    def cpu_count(self):
+        return cpu_count()
+
+    def tool_json(self, argv):
+        try:
+            return json.loads(_run(argv, timeout=20))
+        except (Failed, ValueError):
+            return None
+
+    def python(self):
+        return platform.python_version()
+
+
+LOCAL = Host()
+
 
 SKIP_BLOCK_PREFIXES = ("loop", "ram", "zram", "sr", "fd", "dm-", "nbd", "md")
 
 
-def list_disks():
+def list_disks(host=LOCAL):
     """Whole disks from /sys/block, with their partitions (sysfs sizes are 512-byte units)."""
     disks = []
     try:
-        names = sorted(os.listdir("/sys/block"))
+        names = sorted(host.listdir("/sys/block"))
     except OSError:
         return disks
     for name in names:
         if name.startswith(SKIP_BLOCK_PREFIXES):
             continue
         base = "/sys/block/" + name
-        sectors = _read_int(base + "/size", 0)
+        sectors = host.read_int(base + "/size", 0)
         if not sectors:
             continue
         parts = []
         try:
-            entries = sorted(os.listdir(base))
+            entries = sorted(host.listdir(base))
         except OSError:
             entries = []
         for entry in entries:
-            if not entry.startswith(name) or not os.path.exists(base + "/" + entry + "/partition"):
+            if not entry.startswith(name) or not host.exists(base + "/" + entry + "/partition"):
                 continue
             parts.append(
                 {
                     "name": entry,
-                    "number": _read_int(base + "/" + entry + "/partition"),
-                    "start": _read_int(base + "/" + entry + "/start", 0) * 512,
-                    "size": _read_int(base + "/" + entry + "/size", 0) * 512,
+                    "number": host.read_int(base + "/" + entry + "/partition"),
+                    "start": host.read_int(base + "/" + entry + "/start", 0) * 512,
+                    "size": host.read_int(base + "/" + entry + "/size", 0) * 512,
                 }
             )
         disks.append(
@@ -240,42 +287,39 @@ def list_disks():
                 "name": name,
                 "path": "/dev/" + name,
                 "size": sectors * 512,
-                "model": _read_text(base + "/device/model"),
-                "serial": _read_text(base + "/device/serial") or _read_text(base + "/serial"),
-                "vendor": _read_text(base + "/device/vendor"),
-                "rotational": _read_int(base + "/queue/rotational") == 1,
-                "removable": _read_int(base + "/removable") == 1,
-                "logical_block_size": _read_int(base + "/queue/logical_block_size", 512),
+                "model": host.read_text(base + "/device/model"),
+                "serial": host.read_text(base + "/device/serial") or host.read_text(base + "/serial"),
+                "vendor": host.read_text(base + "/device/vendor"),
+                "rotational": host.read_int(base + "/queue/rotational") == 1,
+                "removable": host.read_int(base + "/removable") == 1,
+                "logical_block_size": host.read_int(base + "/queue/logical_block_size", 512),
                 "partitions": parts,
             }
         )
     return disks
 
 
-def _lsblk():
+def _lsblk(host):
     columns = "NAME,PATH,SIZE,TYPE,FSTYPE,MOUNTPOINT,PTTYPE,PARTTYPE,UUID,PKNAME"
-    try:
-        out = _run(["lsblk", "-J", "-b", "-o", columns], timeout=20)
-        return json.loads(out).get("blockdevices", [])
-    except (Failed, ValueError):
-        return None
+    out = host.tool_json(["lsblk", "-J", "-b", "-o", columns])
+    return out.get("blockdevices", []) if isinstance(out, dict) else None
 
 
-def _nics():
+def _nics(host):
     nics = []
     try:
-        names = sorted(os.listdir("/sys/class/net"))
+        names = sorted(host.listdir("/sys/class/net"))
     except OSError:
         return nics
     addresses = {}
     try:
-        for entry in json.loads(_run(["ip", "-j", "addr", "show"], timeout=10)):
+        for entry in host.tool_json(["ip", "-j", "addr", "show"]) or []:
             addresses[entry.get("ifname")] = [
                 "%s/%s" % (a.get("local"), a.get("prefixlen"))
                 for a in entry.get("addr_info", [])
                 if a.get("local")
             ]
-    except (Failed, ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError):
         pass
     for name in names:
         base = "/sys/class/net/" + name
@@ -283,28 +327,28 @@ def _nics():
             continue
         driver = None
         try:
-            driver = os.path.basename(os.readlink(base + "/device/driver"))
+            driver = os.path.basename(host.readlink(base + "/device/driver"))
         except OSError:
             pass
         nics.append(
             {
                 "name": name,
-                "mac": _read_text(base + "/address"),
-                "state": _read_text(base + "/operstate"),
-                "mtu": _read_int(base + "/mtu"),
-                "speed": _read_int(base + "/speed"),
+                "mac": host.read_text(base + "/address"),
+                "state": host.read_text(base + "/operstate"),
+                "mtu": host.read_int(base + "/mtu"),
+                "speed": host.read_int(base + "/speed"),
                 "driver": driver,
                 # no device link: a bridge, bond, veth or tunnel, not a card to recreate
-                "physical": os.path.exists(base + "/device"),
+                "physical": host.exists(base + "/device"),
                 "addresses": addresses.get(name, []),
             }
         )
     return nics
 
 
-def _os_release():
+def _os_release(host):
     info = {}
-    text = _read_text("/etc/os-release") or _read_text("/usr/lib/os-release") or ""
+    text = host.read_text("/etc/os-release") or host.read_text("/usr/lib/os-release") or ""
     for line in text.splitlines():
         key, sep, value = line.partition("=")
         if sep and key.strip():
@@ -312,8 +356,8 @@ def _os_release():
     return info
 
 
-def _mem_total():
-    for line in (_read_text("/proc/meminfo") or "").splitlines():
+def _mem_total(host):
+    for line in (host.read_text("/proc/meminfo") or "").splitlines():
         if line.startswith("MemTotal:"):
             parts = line.split()
             if len(parts) >= 2 and parts[1].isdigit():
@@ -325,15 +369,7 @@ DMI_ENTRIES = "/sys/firmware/dmi/entries"
 MEMORY_BLOCKS = "/sys/devices/system/memory"
 
 
-def _read_bytes(path, limit=1 << 16):
-    try:
-        with open(path, "rb") as f:
-            return f.read(limit)
-    except (IOError, OSError):
-        return None
-
-
-def _memory():
+def _memory(host):
     """Installed memory and where it was found: the DMI memory devices (what the
     firmware says is in the slots; root only), else the memory blocks the kernel
     manages, else MemTotal (which leaves out what the kernel reserved: a 1 GiB
@@ -341,63 +377,62 @@ def _memory():
     (p2v/inventory.py): the agent has no parsing intelligence."""
     dmi = []
     try:
-        names = sorted(n for n in os.listdir(DMI_ENTRIES) if n.startswith("17-"))
+        names = sorted(n for n in host.listdir(DMI_ENTRIES) if n.startswith("17-"))
     except OSError:
         names = []
     for name in names[:1024]:
-        raw = _read_bytes(DMI_ENTRIES + "/" + name + "/raw", 4096)
+        raw = host.read_bytes(DMI_ENTRIES + "/" + name + "/raw", 4096)
         if raw:
             dmi.append(binascii.hexlify(raw).decode("ascii"))
     blocks = 0
     try:
-        blocks = len([n for n in os.listdir(MEMORY_BLOCKS) if n.startswith("memory")])
+        blocks = len([n for n in host.listdir(MEMORY_BLOCKS) if n.startswith("memory")])
     except OSError:
         pass
     return {
         "dmi_type17": dmi,
-        "block_size": _read_text(MEMORY_BLOCKS + "/block_size_bytes"),
+        "block_size": host.read_text(MEMORY_BLOCKS + "/block_size_bytes"),
         "blocks": blocks,
-        "mem_total": _mem_total(),
+        "mem_total": _mem_total(host),
     }
 
 
-def _cpu():
+def _cpu(host):
     model = None
     sockets = set()
-    for line in (_read_text("/proc/cpuinfo") or "").splitlines():
+    for line in (host.read_text("/proc/cpuinfo") or "").splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
         if key == "model name" and model is None:
             model = value.strip()
         elif key == "physical id":
             sockets.add(value.strip())
-    return {"count": cpu_count(), "model": model, "sockets": len(sockets) or 1}
+    return {"count": host.cpu_count(), "model": model, "sockets": len(sockets) or 1}
 
 
-def _mounts():
+def _mounts(host=LOCAL):
     mounts = []
-    for line in (_read_text("/proc/mounts") or "").splitlines():
+    for line in (host.read_text("/proc/mounts") or "").splitlines():
         fields = line.split()
         if len(fields) >= 3 and fields[0].startswith("/"):
             mounts.append({"device": fields[0], "mountpoint": fields[1], "fstype": fields[2]})
     return mounts
 
 
-def inventory():
-    uname = os.uname()  # platform.uname() is a plain tuple before 2.7
+def inventory(host=LOCAL):
     return {
-        "hostname": socket.gethostname(),
-        "cpu": _cpu(),
-        "memory": _mem_total(),  # what the kernel manages; installed memory is
-        "memory_sources": _memory(),  # decided by the controller from these
-        "firmware": "uefi" if os.path.isdir("/sys/firmware/efi") else "bios",
-        "disks": list_disks(),
-        "block_devices": _lsblk(),
-        "nics": _nics(),
-        "os": _os_release(),
-        "kernel": {"release": uname[2], "version": uname[3], "machine": uname[4]},
-        "mounts": _mounts(),
-        "python": platform.python_version(),
+        "hostname": host.hostname(),
+        "cpu": _cpu(host),
+        "memory": _mem_total(host),  # what the kernel manages; installed memory is
+        "memory_sources": _memory(host),  # decided by the controller from these
+        "firmware": "uefi" if host.isdir("/sys/firmware/efi") else "bios",
+        "disks": list_disks(host),
+        "block_devices": _lsblk(host),
+        "nics": _nics(host),
+        "os": _os_release(host),
+        "kernel": host.uname(),
+        "mounts": _mounts(host),
+        "python": host.python(),
     }
 
 

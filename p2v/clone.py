@@ -102,6 +102,7 @@ class CloneOptions:
     workers: int = DEFAULT_WORKERS
     python: str = "python3"
     max_bandwidth: float | None = None  # bytes/s taken off the link (None: all it gives)
+    agent: str = "auto"  # "python", "shell" (no Python on the server), or chosen by probing
 
 
 @dataclass
@@ -133,6 +134,8 @@ class CloneResult:
     definition: Any = None
     definition_error: str | None = None
     seconds: float = 0.0
+    agent: str = ""  # the agent that ran: "python" or "shell"
+    agent_reason: str = ""  # why that one
 
 
 @dataclass
@@ -142,6 +145,7 @@ class SyncOptions:
     python: str = "python3"
     disks: list[str] | None = None
     max_bandwidth: float | None = None
+    agent: str = "auto"
 
 
 @dataclass
@@ -161,6 +165,8 @@ class SyncResult:
     outdir: str
     disks: list[DiskSync]
     seconds: float = 0.0
+    agent: str = ""
+    agent_reason: str = ""
 
 
 # -- the state of an OUTDIR --------------------------------------------------------------
@@ -511,12 +517,12 @@ def verify_image(
 
 @contextlib.contextmanager
 def _agent(
-    options: ConnectOptions, python: str, max_bandwidth: float | None = None
+    options: ConnectOptions, python: str, max_bandwidth: float | None = None, mode: str = "auto"
 ) -> Iterator[AgentConnection]:
     session = connect(options)
     try:
         try:
-            conn = start_agent(session, python=python, max_bandwidth=max_bandwidth)
+            conn = start_agent(session, python=python, max_bandwidth=max_bandwidth, mode=mode)
         except AgentError as exc:
             if options.sudo and "sudo:" in str(exc):
                 # `sudo -n` never prompts: say which rule is missing rather than leave
@@ -579,7 +585,8 @@ def clone(
         )
     if state is None:
         state = {"version": 1, "host": host, "disks": []}
-    with _agent(options, opts.python, opts.max_bandwidth) as conn:
+    with _agent(options, opts.python, opts.max_bandwidth, opts.agent) as conn:
+        agent = (conn.mode, conn.mode_reason)
         inv = conn.call(protocol.OP_INVENTORY)
         sources = _choose_disks(inv, opts.disks)
         results: list[DiskResult] = []
@@ -602,6 +609,7 @@ def clone(
     description = inventory.describe(inv, described, source=host)
     machine = inventory.write_description(outdir, description)
     result = CloneResult(host=host, outdir=outdir, machine=machine, disks=results)
+    result.agent, result.agent_reason = agent
     if opts.target:
         try:
             result.definition = inventory.write_target_definition(description, opts.target, outdir)
@@ -798,8 +806,8 @@ def _sync_ranges(disk: RemoteDisk, skip_unused: bool) -> list[tuple[int, int]]:
     for e in plan:
         if e.kind != Kind.DATA:
             continue
-        s = e.start - e.start % BLOCK
-        t = min(-(-e.end // BLOCK) * BLOCK, disk.size)
+        s = e.start - e.start % disk.block
+        t = min(-(-e.end // disk.block) * disk.block, disk.size)
         if out and s <= out[-1][1]:
             out[-1] = (out[-1][0], max(out[-1][1], t))
         else:
@@ -807,14 +815,20 @@ def _sync_ranges(disk: RemoteDisk, skip_unused: bool) -> list[tuple[int, int]]:
     return out
 
 
-def _local_hashes(img: Image, start: int, end: int) -> list[bytes]:
+def _local_hashes(
+    img: Image,
+    start: int,
+    end: int,
+    block: int = BLOCK,
+    digest: Callable[[memoryview], bytes] = local_digest,
+) -> list[bytes]:
     out = []
     pos = start
     while pos < end:
-        n = min(VERIFY_RUN, end - pos)
+        n = min(max(VERIFY_RUN, block), end - pos)
         buf = memoryview(img.read(pos, n))
-        for o in range(0, n, BLOCK):
-            out.append(local_digest(buf[o : o + BLOCK]))
+        for o in range(0, n, block):
+            out.append(digest(buf[o : o + block]))
         pos += n
     return out
 
@@ -844,10 +858,13 @@ def sync(
             f"the clone of {', '.join(unfinished)} is unfinished; run `p2v clone` again first"
         )
     results = []
-    with _agent(options, opts.python, opts.max_bandwidth) as conn:
+    with _agent(options, opts.python, opts.max_bandwidth, opts.agent) as conn:
+        agent = (conn.mode, conn.mode_reason)
         for entry in entries:
             results.append(_sync_disk(conn, outdir, entry, opts, progress_factory))
-    return SyncResult(host=host, outdir=outdir, disks=results, seconds=time.monotonic() - t0)
+    result = SyncResult(host=host, outdir=outdir, disks=results, seconds=time.monotonic() - t0)
+    result.agent, result.agent_reason = agent
+    return result
 
 
 def _sync_disk(
@@ -868,6 +885,10 @@ def _sync_disk(
                 f"{entry['source']} is now {disk.size} bytes, the image {img.size}: clone it again"
             )
         ranges = _sync_ranges(disk, bool(entry.get("skip_unused")))
+        # the shell mode hashes 4 MiB blocks, with md5 where the server has no sha256sum
+        shell_digest = getattr(conn, "digest_of", None)
+        sha256 = getattr(conn, "hash_tool", "sha256sum") == "sha256sum"
+        digest = (disk.block, local_digest if sha256 else shell_digest)
         total = sum(e - s for s, e in ranges)
         with (
             progress_factory(os.path.basename(path) + " sync", total) as progress,
@@ -880,13 +901,15 @@ def _sync_disk(
                     n = min(SYNC_WINDOW, e - pos)
                     step = 64 << 20
                     local_parts = [
-                        pool.submit(_local_hashes, img, p, min(p + step, pos + n))
+                        pool.submit(_local_hashes, img, p, min(p + step, pos + n), *digest)
                         for p in range(pos, pos + n, step)
                     ]
                     remote = disk.hashes(pos, pos + n)
                     local = [d for part in local_parts for d in part.result()]
                     changed = [
-                        pos + i * BLOCK for i, (a, b) in enumerate(zip(remote, local)) if a != b
+                        pos + i * disk.block
+                        for i, (a, b) in enumerate(zip(remote, local))
+                        if a != b
                     ]
                     out.blocks += len(remote)
                     out.changed_blocks += len(changed)
@@ -905,12 +928,13 @@ def _resend(disk: RemoteDisk, img: Image, blocks: list[int]) -> int:
     """Read changed blocks from the server (pipelined, a batch at a time so memory stays
     bounded) and write them, zeros included."""
     sent = 0
-    for first in range(0, len(blocks), RESEND_BATCH):
-        batch = blocks[first : first + RESEND_BATCH]
+    batch_size = max(1, RESEND_BATCH * BLOCK // disk.block)
+    for first in range(0, len(blocks), batch_size):
+        batch = blocks[first : first + batch_size]
         futs = [
             (b, n, disk.conn.read(disk.handle, b, n, compress=disk.compress))
             for b in batch
-            for n in (min(BLOCK, disk.size - b),)
+            for n in (min(disk.block, disk.size - b),)
         ]
         for b, n, fut in futs:
             res = fut.result()

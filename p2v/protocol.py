@@ -254,6 +254,10 @@ class _Receiver:
 class AgentConnection:
     """Requests to one agent; thread-safe; many requests in flight."""
 
+    #: which agent answers and why (p2v/remote.py sets them; shell_agent is the other)
+    mode = "python"
+    mode_reason = ""
+
     def __init__(self, stream: Stream, *, name: str = "agent") -> None:
         self.stream = stream
         self.name = name

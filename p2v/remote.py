@@ -15,6 +15,8 @@ trips.
 from __future__ import annotations
 
 import collections
+import logging
+import shlex
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +26,11 @@ from formats.image import Image
 
 from . import protocol
 from .bandwidth import ThrottledStream, TokenBucket
-from .protocol import AgentConnection, AgentError
+from .protocol import AgentConnection, AgentError, Stream
+from .shell_agent import ShellConnection, start_shell_agent
 from .ssh import Session
+
+log = logging.getLogger(__name__)
 
 #: request and digest granularity: small enough that a sync resends little, large
 #: enough that per-request work stays negligible
@@ -70,6 +75,9 @@ class RemoteDisk(Image):
         self._stats_lock = threading.Lock()
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
+        #: the agent's request and digest granularity (the shell mode's is larger)
+        self.block: int = getattr(conn, "block_size", BLOCK)
+        self._cache_blocks = max(4, CACHE_BLOCKS * BLOCK // self.block)
         #: called as recorder(offset, length, digest) for every block read, when set
         self.recorder: Recorder | None = None
 
@@ -89,7 +97,7 @@ class RemoteDisk(Image):
 
     # -- reading ------------------------------------------------------------------
     def _readinto(self, offset: int, buf: memoryview) -> None:
-        if len(buf) < BLOCK and self.recorder is None:
+        if len(buf) < self.block and self.recorder is None:
             self._cached_readinto(offset, buf)
             return
         end = offset + len(buf)
@@ -97,7 +105,7 @@ class RemoteDisk(Image):
         pos = offset
         try:
             while pos < end:
-                n = min(BLOCK - pos % BLOCK, end - pos)
+                n = min(self.block - pos % self.block, end - pos)
                 pending.append(
                     (pos, n, self.conn.read(self.handle, pos, n, compress=self.compress))
                 )
@@ -122,10 +130,10 @@ class RemoteDisk(Image):
 
     def _cached_readinto(self, offset: int, buf: memoryview) -> None:
         end = offset + len(buf)
-        first, last = offset // BLOCK, (end - 1) // BLOCK
+        first, last = offset // self.block, (end - 1) // self.block
         for index in range(first, last + 1):
             block = self._block(index)
-            base = index * BLOCK
+            base = index * self.block
             s, e = max(offset, base), min(end, base + len(block))
             buf[s - offset : e - offset] = block[s - base : e - base]
 
@@ -135,8 +143,8 @@ class RemoteDisk(Image):
             if data is not None:
                 self._cache.move_to_end(index)
                 return data
-        start = index * BLOCK
-        n = min(BLOCK, self.size - start)
+        start = index * self.block
+        n = min(self.block, self.size - start)
         try:
             res = self.conn.read(self.handle, start, n, compress=self.compress).result()
         except AgentError as exc:
@@ -147,7 +155,7 @@ class RemoteDisk(Image):
         data = bytes(out)
         with self._cache_lock:
             self._cache[index] = data
-            while len(self._cache) > CACHE_BLOCKS:
+            while len(self._cache) > self._cache_blocks:
                 self._cache.popitem(last=False)
         return data
 
@@ -156,8 +164,10 @@ class RemoteDisk(Image):
             self._cache.clear()
 
     # -- hashing ------------------------------------------------------------------
-    def hashes(self, start: int, end: int, chunk: int = BLOCK) -> list[bytes]:
-        """sha256 of each `chunk` of [start, end) computed by the agent (start aligned)."""
+    def hashes(self, start: int, end: int, chunk: int | None = None) -> list[bytes]:
+        """The digest of each `chunk` (default: the block) of [start, end), computed by the
+        agent (start aligned); compare them with `digest_of`."""
+        chunk = chunk or self.block
         span = chunk * 256
         futs = []
         pos = start
@@ -183,14 +193,85 @@ class RemoteDisk(Image):
                 pass
 
 
+#: interpreters tried, in order, when the user did not name one (RHEL 7 and SLES 12 have
+#: python2.7 only; RHEL 6 python2.6)
+PYTHONS = ("python3", "python2.7", "python2", "python2.6", "python")
+#: prints the first of its arguments that runs the agent (Python >= 2.6), or nothing
+PROBE = (
+    'for p in "$@"; do if command -v "$p" >/dev/null 2>&1 && '
+    "\"$p\" -c 'import sys; sys.exit(sys.version_info[:2] < (2, 6))' >/dev/null 2>&1; "
+    'then echo "$p"; exit 0; fi; done'
+)
+MODES = ("auto", "python", "shell")
+
+Agent = AgentConnection | ShellConnection
+
+
+class AgentStartError(AgentError):
+    """The server cannot run either agent, or sudo refused; the message says why."""
+
+
+def choose_agent(session: Session, *, python: str = "python3", mode: str = "auto") -> tuple:
+    """(mode, interpreter, reason): the Python agent where a Python >= 2.6 exists, else
+    the shell mode (p2v/shell_agent.py). `python` other than the default is the only
+    interpreter tried; mode "python" or "shell" forces the choice."""
+    if mode not in MODES:
+        raise ValueError(f"agent mode {mode!r}: expected one of {', '.join(MODES)}")
+    if mode == "python":
+        return "python", python, f"--agent python ({python})"
+    if mode == "shell":
+        return "shell", None, "--agent shell"
+    candidates = PYTHONS if python == "python3" else (python,)
+    argv = " ".join(shlex.quote(c) for c in candidates)
+    res = session.run(f"sh -c {shlex.quote(PROBE)} p2v-probe {argv}", check=False, timeout=60)
+    err = res.stderr.decode("utf-8", "replace").strip()
+    if session.options.sudo and res.exit_status != 0 and "sudo" in err:
+        if "not found" in err or res.exit_status == 127:
+            raise AgentStartError(f"{session.name}: --sudo, but the server has no sudo ({err})")
+        raise AgentStartError(
+            f"{session.name}: {err.splitlines()[-1]}; --sudo needs passwordless sudo (a "
+            f"NOPASSWD rule) for {session.options.user} on the server"
+        )
+    found = res.stdout.decode("utf-8", "replace").strip().splitlines()
+    if found and found[0] in candidates:
+        return "python", found[0], f"{found[0]} on the server runs the agent"
+    return (
+        "shell",
+        None,
+        f"no Python >= 2.6 on the server (looked for {', '.join(candidates)}): "
+        "POSIX tools (dd, cmp, sha256sum) do the agent's work",
+    )
+
+
 def start_agent(
-    session: Session, *, python: str = "python3", max_bandwidth: float | None = None
-) -> AgentConnection:
+    session: Session,
+    *,
+    python: str = "python3",
+    max_bandwidth: float | None = None,
+    mode: str = "auto",
+) -> Agent:
     """Start the imaging agent on the server behind `session` (through sudo if asked),
-    taking at most `max_bandwidth` bytes a second off the channel."""
-    source = protocol.agent_source()
-    command = protocol.agent_command(len(source), python=python, sudo=session.options.sudo)
-    stream = session.open_exec_channel(command)
-    if max_bandwidth:
-        stream = ThrottledStream(stream, TokenBucket(max_bandwidth))
-    return protocol.start_agent(stream, name=f"agent on {session.name}")
+    taking at most `max_bandwidth` bytes a second off the channel. The connection's
+    `mode` and `mode_reason` say which agent runs and why."""
+    mode, interpreter, reason = choose_agent(session, python=python, mode=mode)
+    bucket = TokenBucket(max_bandwidth) if max_bandwidth else None
+
+    def throttled(stream: Stream) -> Stream:
+        return ThrottledStream(stream, bucket) if bucket is not None else stream
+
+    conn: Agent
+    if mode == "shell":
+        conn = start_shell_agent(
+            lambda: throttled(session.open_exec_channel(session.wrap("exec sh"))),
+            name=f"shell agent on {session.name}",
+        )
+    else:
+        assert interpreter is not None
+        source = protocol.agent_source()
+        command = protocol.agent_command(len(source), python=interpreter, sudo=session.options.sudo)
+        stream = throttled(session.open_exec_channel(command))
+        conn = protocol.start_agent(stream, name=f"agent on {session.name}")
+    conn.mode = mode
+    conn.mode_reason = reason
+    log.info("%s: %s agent (%s)", session.name, mode, reason)
+    return conn

@@ -42,6 +42,13 @@ def _ssh_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-agent", action="store_true", help="do not use ssh-agent keys")
     p.add_argument("--python", default="python3", help="the server's Python (default python3)")
+    p.add_argument(
+        "--agent",
+        choices=("auto", "python", "shell"),
+        default="auto",
+        help="the Python agent (Python >= 2.6 on the server), the shell mode (POSIX tools "
+        "only), or auto: Python where the server has it (default)",
+    )
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
@@ -208,12 +215,14 @@ def cmd_clone(args: argparse.Namespace) -> int:
         workers=args.workers,
         python=args.python,
         max_bandwidth=args.max_bandwidth,
+        agent=args.agent,
     )
     bars = _bars(not args.no_progress and sys.stderr.isatty())
     res = cloning.clone(_connect_options(args), args.outdir, opts, progress_factory=bars)
     if args.output == "json":
         print_json(res)
         return 0
+    print(f"agent: {res.agent} ({res.agent_reason})")
     for d in res.disks:
         if d.skipped:
             print(f"{d.source}: already cloned to {d.image}")
@@ -239,12 +248,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
         python=args.python,
         disks=args.disks,
         max_bandwidth=args.max_bandwidth,
+        agent=args.agent,
     )
     bars = _bars(not args.no_progress and sys.stderr.isatty())
     res = cloning.sync(_connect_options(args), args.outdir, opts, progress_factory=bars)
     if args.output == "json":
         print_json(res)
         return 0
+    print(f"agent: {res.agent} ({res.agent_reason})")
     for d in res.disks:
         print(
             f"{d.source} -> {d.image}: {d.changed_blocks} of {d.blocks} blocks changed, "

@@ -103,6 +103,7 @@ def start_sshd(
     host: str = "127.0.0.1",
     prefix: Sequence[str] = (),
     network: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    extra_config: str = "",
 ) -> Sshd:
     """sshd listening on `host`, started under `prefix` (e.g. `ip netns exec NS`); the
     readiness probe connects from within `network()` (where `host` is reachable)."""
@@ -132,7 +133,7 @@ def start_sshd(
             "KbdInteractiveAuthentication no\n"
             "MaxStartups 50\n"
             "MaxSessions 50\n"
-            "LogLevel ERROR\n"
+            "LogLevel ERROR\n" + extra_config
         )
     known_hosts = os.path.join(root, "known_hosts")
     with open(known_hosts, "w") as f:
