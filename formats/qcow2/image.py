@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -905,12 +905,16 @@ def open_data_file(
     return fd, real
 
 
-def open_image(
+def open_file(
     path: str,
+    cls: type[Qcow2Image],
     *,
-    writable: bool = False,
+    writable: bool,
     policy: BackingPolicy | None = None,
+    check: Callable[[str, Metadata, list[Snapshot], BackingPolicy], None] | None = None,
 ) -> Qcow2Image:
+    """`path` opened as `cls` (the reader, or the writer with `writable`); `check` may
+    refuse the image once its metadata is read."""
     policy = policy or BackingPolicy()
     flags = os.O_RDWR if writable else os.O_RDONLY
     try:
@@ -923,12 +927,8 @@ def open_image(
         meta = read_metadata(path, fd)
         l1 = read_l1(path, fd, meta.header.l1_table_offset, meta.header.l1_size, meta, "L1 table")
         snapshots = read_snapshots(path, fd, meta)
-        cls: type[Qcow2Image] = Qcow2Image
-        if writable:
-            from .writer import Qcow2Writer, check_writable
-
-            check_writable(path, meta, snapshots, policy)
-            cls = Qcow2Writer
+        if check is not None:
+            check(path, meta, snapshots, policy)
         data_path = None
         if meta.has_data_file and policy.allow:
             # like a backing file, the data file is another file the header names: with

@@ -28,8 +28,8 @@ from ..fileio import file_size, pread_exact, punch_hole, pwrite_all
 from ..options import parse_bool, parse_choice, parse_size
 from . import compression
 from . import layout as L
-from .image import Metadata, Qcow2Image, Snapshot
-from .refcounts import Refcounts, dtype_for, unpack
+from .image import Metadata, Qcow2Image, Snapshot, open_file
+from .refcounts import Refcounts, dtype_for, rebuild_refcounts, unpack
 
 _ZEROS = bytes(8 << 20)
 
@@ -62,6 +62,12 @@ def check_writable(
         )
 
 
+def open_writer(path: str, policy: BackingPolicy | None = None) -> Qcow2Writer:
+    writer = open_file(path, Qcow2Writer, writable=True, policy=policy, check=check_writable)
+    assert isinstance(writer, Qcow2Writer)
+    return writer
+
+
 class Qcow2Writer(Qcow2Image):
     """A qcow2 image open for writing."""
 
@@ -76,8 +82,6 @@ class Qcow2Writer(Qcow2Image):
         self.reftable = self._read_reftable(hdr.refcount_table_offset, hdr.refcount_table_clusters)
         if meta.incompatible & L.INCOMPAT_DIRTY:
             # lazy refcounts left stale: rebuild them from the tables, as qemu does on open
-            from .check import rebuild_refcounts
-
             counts = rebuild_refcounts(self)
         else:
             counts = self._read_refcounts()
@@ -856,15 +860,13 @@ def create(path: str, size: int, *, final_path: str | None = None, **options: An
             pwrite_all(fd, blob, 0)
         finally:
             os.close(fd)
-        from .image import open_image
-
         dirs = [os.path.dirname(os.path.realpath(path))]
         if backing_file:
             bpath = os.path.join(os.path.dirname(os.path.abspath(path)), backing_file)
             dirs.append(os.path.dirname(os.path.realpath(bpath)))
         if data_path:
             dirs.append(os.path.dirname(os.path.realpath(data_path)))
-        img = open_image(path, writable=True, policy=BackingPolicy(dirs=tuple(dirs)))
+        img = open_writer(path, BackingPolicy(dirs=tuple(dirs)))
     except BaseException:
         os.unlink(path)
         if data_path:
