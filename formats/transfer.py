@@ -55,15 +55,17 @@ def _clone(src_fd: int, src_off: int, n: int, dst_fd: int, dst_off: int) -> None
 
 
 def shares_blocks(directory: str) -> bool:
-    """Whether files in `directory` can share blocks with each other: one block cloned
-    between two scratch files (statfs cannot tell an XFS with reflink from one without)."""
+    """Whether files in `directory` can share blocks with each other: a block of a hole
+    cloned between two scratch files (statfs cannot tell an XFS with reflink from one
+    without; a filesystem that cannot refuses before it looks at the range, and a hole
+    has no data to write back first)."""
     try:
         with (
             tempfile.TemporaryFile(dir=directory) as a,
             tempfile.TemporaryFile(dir=directory) as b,
         ):
             bs = os.fstatvfs(a.fileno()).f_bsize
-            pwrite_all(a.fileno(), b"\x01" * bs, 0)
+            os.ftruncate(a.fileno(), bs)
             _clone(a.fileno(), 0, bs, b.fileno(), 0)
     except OSError:
         return False
