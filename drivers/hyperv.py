@@ -69,9 +69,13 @@ class Hyperv(Platform):
                     d.bus = "scsi"
         return out
 
-    # Generation 2 SCSI disks and synthetic NICs are VMBus devices: no PCI path, so the
-    # NICs keep the kernel's names
-    disk_drivers = {"scsi": ("hv_vmbus", "hv_storvsc")}
+    # SCSI disks and synthetic NICs are VMBus devices: no PCI path, so the NICs keep the
+    # kernel's names; Linux drives generation 1's IDE disks through hv_storvsc as well
+    # (ata_piix steps aside on Hyper-V), the emulated controller being the fallback
+    disk_drivers = {
+        "scsi": ("hv_vmbus", "hv_storvsc"),
+        "ide": ("hv_vmbus", "hv_storvsc", "ata_piix"),
+    }
 
     def interface_names(self, spec: MachineSpec) -> tuple[str, ...]:
         return tuple(f"eth{i}" for i in range(len(spec.nics)))
