@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 
 from samples.disk import MiB, build_disk  # noqa: E402
-from tests.bench.results import record  # noqa: E402
+from tests.bench.results import filesystem, record  # noqa: E402
 
 WORK = os.environ.get("P2V_BENCH_DIR", "/var/tmp/p2v-bench")
 DISK = os.path.join(WORK, "disk4g.raw")
@@ -158,12 +158,13 @@ def main() -> None:
     ensure_disks()
     rows = []
     results = {}
+    storage = f"{filesystem(WORK)}, cache warm"
     for label, disk in (("clean", DISK), ("dirty", DIRTY)):
         r = run_disk(disk, args.repeat)
         results[label] = r
         ours, plain, pc = r["p2v --skip-unused"], r["p2v plain"], r["partclone.ext4 -c"]
         line = (
-            f"| {label} | {ours[0]:.2f} s, {ours[1] / MiB:.0f} MiB | {plain[0]:.2f} s, "
+            f"| {label} | {storage} | {ours[0]:.2f} s, {ours[1] / MiB:.0f} MiB | {plain[0]:.2f} s, "
             f"{plain[1] / MiB:.0f} MiB | {pc[0]:.2f} s, {pc[1] / MiB:.0f} MiB | "
             f"**{ours[0] / pc[0]:.2f}** | {ours[1] / pc[1]:.2f} | {ours[0] / plain[0]:.2f} | "
             f"{ours[1] / plain[1]:.2f} |"
@@ -175,10 +176,11 @@ def main() -> None:
         "The ext4 partition (3.75 GiB, ~1.2 GiB of files) of the 4 GiB bench disk; `dirty`: "
         "the same disk after a 2 GiB file was written and deleted. Output raw (p2v) or "
         "partclone's image file, synced inside the timing; bytes are what the output "
-        f"occupies on disk. Best of {args.repeat} alternating runs, page cache warm.\n\n"
-        "| disk | p2v --skip-unused | p2v plain | partclone.ext4 -c | time vs partclone | "
+        f"occupies on disk. Best of {args.repeat} alternating runs from this one run of one "
+        "commit, page cache warm (each disk is read once before its runs).\n\n"
+        "| disk | filesystem, cache | p2v --skip-unused | p2v plain | partclone.ext4 -c | time vs partclone | "
         "bytes vs partclone | time vs plain | bytes vs plain |\n"
-        "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+        "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
     )
     record("bench_skip_unused", body, "python tests/bench/bench_skip_unused.py")
 

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 
 from tests.bench.bench_convert import DISK, WORK, drop, ensure_inputs, timed  # noqa: E402
-from tests.bench.results import record  # noqa: E402
+from tests.bench.results import filesystem, record  # noqa: E402
 
 SRC = {fmt: os.path.join(WORK, f"disk4g.{fmt}") for fmt in ("vpc", "vhdx", "vdi")}
 
@@ -91,24 +91,30 @@ def main() -> None:
     args = ap.parse_args()
     ensure_sources()
     names = args.cases.split(",") if args.cases else list(CASES)
+    storage = f"{filesystem(WORK)}, cache warm"
     rows = []
     for name in names:
         r = run_case(name, args.repeat)
         p, q = r["best"]["p2v"], r["best"]["qemu"]
         line = (
-            f"| {name} | {p:.2f} s, {r['size']['p2v']:.0f} MiB | {q:.2f} s, "
+            f"| {name} | {storage} | {p:.2f} s, {r['size']['p2v']:.0f} MiB | {q:.2f} s, "
             f"{r['size']['qemu']:.0f} MiB | **{p / q:.2f}** |"
         )
         print(line, flush=True)
         rows.append(line)
+    if args.cases:
+        print("(a partial run: printed, not recorded; one table, one run)")
+        return
     body = (
         "4 GiB bench disk (raw, ~1.2 GiB of data); the read cases start from qemu-img's "
         "conversion of it. Both sides end with the output on disk (p2v fsyncs; qemu-img is "
         "followed by `sync FILE` inside the timing); p2v's time includes starting Python. "
-        f"Best of {args.repeat} alternating runs, page cache warm; sizes are blocks used. "
+        f"Best of {args.repeat} alternating runs from this one run of one commit, page cache "
+        "warm (the source is read in every run); sizes are blocks used. "
         "Ratio = p2v time / qemu-img time. VHD output is checked with qemu-img compare "
         "(qemu-img check has no vpc support).\n\n"
-        "| case | p2v | qemu-img | ratio |\n|---|---|---|---|\n" + "\n".join(rows)
+        "| case | filesystem, cache | p2v | qemu-img | ratio |\n|---|---|---|---|---|\n"
+        + "\n".join(rows)
     )
     record("bench_vhd_vhdx_vdi", body, "python tests/bench/bench_vhd_vhdx_vdi.py")
 

@@ -1,5 +1,6 @@
-"""Recording benchmark results in RESULTS.md: one section per benchmark, replaced on rerun,
-with the machine it ran on."""
+"""Recording benchmark results in RESULTS.md: one section per benchmark, replaced whole on
+rerun (one run of one commit per table), with the machine and the commit it ran on.
+P2V_BENCH_RECORD=0 prints the section instead (a trial run on a small size)."""
 
 from __future__ import annotations
 
@@ -32,15 +33,53 @@ def machine() -> str:
     )
 
 
+def commit() -> str:
+    """The commit the benchmark ran on, marked when the code differs from it."""
+    git = ["git", "-C", os.path.dirname(os.path.dirname(os.path.dirname(RESULTS)))]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        return "unknown commit"
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--untracked-files=no", "formats", "p2v", "live_migrate"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return head.stdout.strip() + (" with uncommitted changes" if dirty else "")
+
+
+def filesystem(path: str) -> str:
+    """The filesystem `path` lies on, as a row names it: `ext4 on /dev/vda`."""
+    res = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", path], capture_output=True, text=True
+    )
+    parts = res.stdout.split()
+    return f"{parts[0]} on {parts[1]}" if len(parts) == 2 else "unknown filesystem"
+
+
+def drop_caches() -> bool:
+    """Empty the page cache (root only) for a cold-cache row; False where not allowed."""
+    subprocess.run(["sync"], check=True)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
 def record(name: str, body: str, command: str) -> None:
     """Replace (or add) the section for benchmark `name`."""
+    if os.environ.get("P2V_BENCH_RECORD", "1") == "0":
+        print(f"(P2V_BENCH_RECORD=0: not recorded)\n{body}")
+        return
     text = HEADER
     if os.path.exists(RESULTS):
         with open(RESULTS) as f:
             text = f.read()
     section = (
         f"<!-- {name}:start -->\n## {name}\n\n"
-        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on: {machine()}\n\n"
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit {commit()} "
+        f"on: {machine()}\n\n"
         f"Reproduce: `{command}`\n\n{body.rstrip()}\n<!-- {name}:end -->\n"
     )
     pattern = re.compile(
