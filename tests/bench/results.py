@@ -56,17 +56,6 @@ def filesystem(path: str) -> str:
     return f"{parts[0]} on {parts[1]}" if len(parts) == 2 else "unknown filesystem"
 
 
-def drop_caches() -> bool:
-    """Empty the page cache (root only) for a cold-cache row; False where not allowed."""
-    subprocess.run(["sync"], check=True)
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        return False
-    return True
-
-
 def record(name: str, body: str, command: str) -> None:
     """Replace (or add) the section for benchmark `name`."""
     if os.environ.get("P2V_BENCH_RECORD", "1") == "0":
