@@ -444,9 +444,9 @@ class _Placer:
 
     def __init__(self, dst: Image, size: int) -> None:
         self.dst = dst
-        # not zeros, which a writer may decide to leave unwritten
+        # never touched, so it costs no memory: the writer takes it through encode(),
+        # which tells the writers that keep zeros as holes that it holds none
         self.marker = mmap.mmap(-1, size)
-        self.marker.write(b"\xff" * size)
         self.base = _address(memoryview(self.marker))
 
     def place(self, loc: Location) -> tuple[bool, list[PendingWrite | _Move]]:
@@ -454,8 +454,9 @@ class _Placer:
         store it (source bytes moved); when it did not, only its other writes."""
         assert loc.fd is not None
         n = loc.length
+        marker = memoryview(self.marker)[:n]
         with self.dst.deferred_writes() as pending:
-            self.dst.write(loc.start, memoryview(self.marker)[:n])
+            self.dst.write_encoded(loc.start, self.dst.encode(loc.start, marker))
         out: list[PendingWrite | _Move] = []
         covered: list[tuple[int, int]] = []
         for fd, data, offset in pending:

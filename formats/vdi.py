@@ -12,7 +12,6 @@ Block i of the data area lives at offData + i * (cbBlockExtra + cbBlock) + cbBlo
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 import uuid as _uuid
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import numpy as np
 from construct import Bytes, ConstructError, Int32ul, Int64ul, Struct
 
 from .backing import BackingPolicy
+from .blocks import LISTED, BlockImage, listed
 from .errors import CorruptImage, FormatError, UnsupportedFeature
 from .extents import Extent, Kind, from_cluster_kinds
 from .fileio import file_size, pread_exact, preadinto, punch_hole, pwrite_all
@@ -29,7 +29,6 @@ from .image import CheckResult, Image, Location
 from .magic import VDI_SIGNATURE
 from .magic import vdi as matches  # noqa: F401  (the probe rule, re-exported)
 from .options import parse_bool, parse_choice
-from .zeros import PrescanWrites
 
 FORMAT = "vdi"
 
@@ -172,7 +171,7 @@ class BlockMap:
         self.dirty.clear()
 
 
-class VdiImage(PrescanWrites, Image):
+class VdiImage(BlockImage):
     format = FORMAT
 
     def __init__(self, path: str, fd: int, header, bmap: BlockMap, *, writable: bool) -> None:
@@ -184,13 +183,11 @@ class VdiImage(PrescanWrites, Image):
         # static images write in place: detect zeros finely, as for raw
         self.cluster_size = 65536 if header.u32Type == TYPE_FIXED else self.block_size
         self.stride = header.cbBlock + header.cbBlockExtra
-        self.problems: list[str] = []
         _, valid = bmap.allocated()
         self.allocated = max(
             int(header.cBlocksAllocated), int(valid.max()) + 1 if len(valid) else 0
         )
         self._dirty = False
-        self._lock = threading.Lock()
 
     @property
     def is_static(self) -> bool:
@@ -198,10 +195,6 @@ class VdiImage(PrescanWrites, Image):
 
     def _data_offset(self, entry: int) -> int:
         return self.header.offData + entry * self.stride + self.header.cbBlockExtra
-
-    def _guard(self) -> None:
-        if self.problems:
-            raise CorruptImage(self.problems[0])
 
     def _pieces(
         self, offset: int, n: int, fresh: np.ndarray | None = None
@@ -345,27 +338,33 @@ class VdiImage(PrescanWrites, Image):
 def bmap_problems(bmap: BlockMap, header, fsize: int) -> list[str]:
     """What qemu-img check counts: entries out of range or shared, a wrong allocated count;
     and data blocks past the end of the file (a truncated image)."""
-    out: list[str] = []
     idx, vals = bmap.allocated()
     bad = np.flatnonzero(vals >= header.cBlocks)
-    for i in bad[:8].tolist():
-        out.append(
-            f"vdi: block map entry {int(idx[i])} = {int(vals[i])} is out of range (< {header.cBlocks})"
-        )
-    if len(bad) > 8:
-        out.append(f"vdi: {len(bad) - 8} more block map entries out of range")
+    out = listed(
+        "vdi",
+        [
+            f"vdi: block map entry {int(idx[i])} = {int(vals[i])} is out of range "
+            f"(< {header.cBlocks})"
+            for i in bad[:LISTED].tolist()
+        ],
+        len(bad),
+        "block map entries out of range",
+    )
     stride = header.cbBlock + header.cbBlockExtra
     ends = header.offData + (vals + 1) * stride
     past = np.flatnonzero((vals < header.cBlocks) & (ends > fsize))
-    for i in past[:8].tolist():
-        out.append(
+    out += listed(
+        "vdi",
+        [
             f"vdi: block {int(idx[i])} (data block {int(vals[i])}) ends at {int(ends[i]):#x}, "
             f"past the end of the file ({fsize:#x})"
-        )
-    if len(past) > 8:
-        out.append(f"vdi: {len(past) - 8} more blocks past the end of the file")
+            for i in past[:LISTED].tolist()
+        ],
+        len(past),
+        "blocks past the end of the file",
+    )
     uniq, counts = np.unique(vals, return_counts=True)
-    for v in uniq[counts > 1][:8].tolist():
+    for v in uniq[counts > 1][:LISTED].tolist():
         users = idx[vals == v][:4].tolist()
         out.append(f"vdi: data block {v} is used by several virtual blocks ({users})")
     if len(idx) != header.cBlocksAllocated and not bad.size:

@@ -15,7 +15,6 @@ parent"; in a dynamic disk it means "reads as zeros".
 from __future__ import annotations
 
 import os
-import threading
 import time
 import urllib.parse
 import uuid
@@ -26,6 +25,7 @@ import numpy as np
 from construct import Array, Bytes, ConstructError, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
 from .backing import BackingPolicy, open_backing, resolve
+from .blocks import BlockImage, bitmap_runs, placement_problems
 from .errors import CorruptImage, FormatError, UnsafeImage, UnsupportedFeature
 from .extents import Extent, Kind, from_cluster_kinds
 from .fileio import file_size, pread_exact, preadinto, punch_hole, pwrite_all, write_segments
@@ -34,7 +34,6 @@ from .magic import VHD_COOKIE
 from .magic import vpc as matches  # noqa: F401  (the probe rule, re-exported)
 from .options import parse_bool, parse_choice, parse_size
 from .raw import RawImage
-from .zeros import PrescanWrites
 
 FORMAT = "vpc"
 
@@ -298,19 +297,7 @@ class FixedVhd(RawImage):
 # dynamic and differencing
 
 
-def _bitmap_runs(bits: np.ndarray) -> Iterator[tuple[int, int, bool]]:
-    """(first sector, count, present) runs of a per-sector bool array."""
-    n = len(bits)
-    if n == 0:
-        return
-    change = np.flatnonzero(bits[1:] != bits[:-1]) + 1
-    starts = np.concatenate(([0], change)).tolist()
-    ends = [*starts[1:], n]
-    for s, e in zip(starts, ends):
-        yield s, e - s, bool(bits[s])
-
-
-class SparseVhd(PrescanWrites, Image):
+class SparseVhd(BlockImage):
     """Dynamic and differencing disks: a BAT of blocks, each a sector bitmap then data."""
 
     format = FORMAT
@@ -340,9 +327,6 @@ class SparseVhd(PrescanWrites, Image):
         self.is_differencing = footer.disk_type == DISK_DIFFERENCING
         self.backing = parent
         self.parent_name = parent_name
-        self.problems: list[str] = []
-        self._bitmaps: dict[int, np.ndarray | None] = {}  # None: every sector present
-        self._lock = threading.Lock()
         self.next_free = self._first_free()
         self._file_end = file_size(self.fd)
         self._dirty = False
@@ -362,37 +346,11 @@ class SparseVhd(PrescanWrites, Image):
         # new blocks go where the footer is now, as other writers do
         return max(end, -(-(file_size(self.fd) - FOOTER_SIZE) // SECTOR) * SECTOR)
 
-    def _guard(self) -> None:
-        if self.problems:
-            raise CorruptImage(self.problems[0])
-
-    def _bitmap(self, idx: int) -> np.ndarray | None:
-        """Per-sector presence of block idx (None: all present), cached."""
-        try:
-            return self._bitmaps[idx]
-        except KeyError:
-            pass
+    def _read_bitmap(self, idx: int) -> np.ndarray:
         off = int(self.bat[idx]) * SECTOR
         raw = pread_exact(self.fd, self.bitmap_size, off, f"vpc: bitmap of block {idx}")
-        bits = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="big")[
-            : self.sectors_per_block
-        ].astype(bool)
-        value = None if bits.all() else bits
-        with self._lock:
-            if len(self._bitmaps) > 65536:  # bounded: 512 bytes each for 2 MiB blocks
-                self._bitmaps.clear()
-            self._bitmaps[idx] = value
-        return value
-
-    def _absent(self, offset: int, buf: memoryview) -> None:
-        """Fill sectors the image does not hold: the parent's data, or zeros."""
-        n = len(buf)
-        got = 0
-        if self.backing is not None and offset < self.backing.size:
-            got = min(n, self.backing.size - offset)
-            self.backing.readinto(offset, buf[:got])
-        if got < n:
-            buf[got:] = bytes(n - got)
+        bits = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="big")
+        return bits[: self.sectors_per_block].astype(bool)
 
     # -- reading -------------------------------------------------------------
     def _readinto(self, offset: int, buf: memoryview) -> None:
@@ -435,7 +393,7 @@ class SparseVhd(PrescanWrites, Image):
         within = pos % bs
         first = within // SECTOR
         last = -(-(within + len(part)) // SECTOR)
-        for s, count, present in _bitmap_runs(bits[first:last]):
+        for s, count, present in bitmap_runs(bits[first:last]):
             a = max((first + s) * SECTOR, within)
             b = min((first + s + count) * SECTOR, within + len(part))
             piece = part[a - within : b - within]
@@ -607,29 +565,11 @@ def bat_problems(
     overlapping each other."""
     meta_end, span, fsize = layout
     idx = np.flatnonzero(bat != UNALLOCATED)
-    if len(idx) == 0:
-        return []
     offs = bat[idx].astype(np.int64) * SECTOR
-    out: list[str] = []
-    bad = np.flatnonzero((offs < meta_end) | (offs + span > fsize))
-    for i in bad[:8].tolist():
-        out.append(
-            f"vpc: BAT entry {int(idx[i])} points at {int(offs[i]):#x} (+{span:#x}), outside "
-            f"the data area [{meta_end:#x}, {fsize:#x})"
-        )
-    if len(bad) > 8:
-        out.append(f"vpc: {len(bad) - 8} more BAT entries out of range")
-    order = np.argsort(offs, kind="stable")
-    so = offs[order]
-    clash = np.flatnonzero(so[1:] - so[:-1] < span)
-    for i in clash[:8].tolist():
-        out.append(
-            f"vpc: blocks {int(idx[order[i]])} and {int(idx[order[i + 1]])} overlap at "
-            f"{int(so[i + 1]):#x}"
-        )
-    if len(clash) > 8:
-        out.append(f"vpc: {len(clash) - 8} more overlapping blocks")
-    return [m for m in out if m not in seen]
+    found = placement_problems(
+        "vpc", idx, offs, span, (meta_end, fsize), entry="BAT entry", area_name="data area"
+    )
+    return [m for m in found if m not in seen]
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ first) says logical sector i of the chunk is in this file rather than the parent
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -17,12 +16,12 @@ from typing import Any
 import numpy as np
 
 from ..backing import BackingPolicy, open_backing, resolve
+from ..blocks import BlockImage, bitmap_runs, placement_problems
 from ..errors import CorruptImage, FormatError, UnsafeImage, UnsupportedFeature
 from ..extents import Extent, Kind, from_cluster_kinds, runs
 from ..fileio import file_size, preadinto, punch_hole, pwrite_all
 from ..image import CheckResult, Image, Location
 from ..options import parse_bool, parse_choice, parse_size
-from ..zeros import PrescanWrites
 from . import layout as L
 from .log import Overlay, find_replay, validate
 
@@ -49,18 +48,16 @@ def _guid_str(raw: bytes) -> str:
     return "{" + str(uuid.UUID(bytes_le=bytes(raw))).upper() + "}"
 
 
-class VhdxImage(PrescanWrites, Image):
+class VhdxImage(BlockImage):
     format = FORMAT
+    bitmap_cache = 4096  # a 32 MiB block's bitmap is 64 KiB as bools
 
     def __init__(self, path: str, fd: int, *, writable: bool) -> None:
         super().__init__(path, 0, writable=writable)
         self.fd = fd
         self.overlay = Overlay([])
-        self.problems: list[str] = []
         self.parent_name: str | None = None
         self.parent_locator: dict[str, str] = {}
-        self._bitmaps: dict[int, np.ndarray | None] = {}
-        self._lock = threading.Lock()
         self._dirty = False
         self._header_bumped = False
         self.replayed_entries = 0
@@ -85,10 +82,6 @@ class VhdxImage(PrescanWrites, Image):
         if self.overlay:
             self.overlay.apply(offset, memoryview(buf))
         return bytes(buf)
-
-    def _guard(self) -> None:
-        if self.problems:
-            raise CorruptImage(self.problems[0])
 
     # -- geometry --------------------------------------------------------------
     def _setup(
@@ -129,36 +122,15 @@ class VhdxImage(PrescanWrites, Image):
         self._dirty = True
 
     # -- reading ---------------------------------------------------------------
-    def _bitmap(self, b: int) -> np.ndarray | None:
-        """Per-sector presence of block b (None: all present)."""
-        try:
-            return self._bitmaps[b]
-        except KeyError:
-            pass
+    def _read_bitmap(self, b: int) -> np.ndarray:
         chunk, k = divmod(b, self.chunk_ratio)
         entry = int(self.bat[chunk * (self.chunk_ratio + 1) + self.chunk_ratio])
         nbytes = self.sectors_per_block // 8
         if entry & L.STATE_MASK != L.SB_BLOCK_PRESENT:
-            bits = np.zeros(self.sectors_per_block, bool)
-        else:
-            off = (entry & L.OFFSET_MASK) + k * nbytes
-            raw = self._pread(off, nbytes, f"sector bitmap of block {b}")
-            bits = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little").astype(bool)
-        value = None if bits.all() else bits
-        with self._lock:
-            if len(self._bitmaps) > 4096:
-                self._bitmaps.clear()
-            self._bitmaps[b] = value
-        return value
-
-    def _absent(self, offset: int, buf: memoryview) -> None:
-        n = len(buf)
-        got = 0
-        if self.backing is not None and offset < self.backing.size:
-            got = min(n, self.backing.size - offset)
-            self.backing.readinto(offset, buf[:got])
-        if got < n:
-            buf[got:] = bytes(n - got)
+            return np.zeros(self.sectors_per_block, bool)
+        off = (entry & L.OFFSET_MASK) + k * nbytes
+        raw = self._pread(off, nbytes, f"sector bitmap of block {b}")
+        return np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little").astype(bool)
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
         self._guard()
@@ -223,14 +195,11 @@ class VhdxImage(PrescanWrites, Image):
         within = pos % self.block_size
         first, last = within // lss, -(-(within + len(part)) // lss)
         sel = bits[first:last] if bits is not None else np.ones(last - first, bool)
-        change = np.flatnonzero(sel[1:] != sel[:-1]) + 1
-        starts = [0, *change.tolist()]
-        ends = [*starts[1:], len(sel)]
-        for s, e in zip(starts, ends):
+        for s, count, present in bitmap_runs(sel):
             a = max((first + s) * lss, within)
-            z = min((first + e) * lss, within + len(part))
+            z = min((first + s + count) * lss, within + len(part))
             piece = part[a - within : z - within]
-            if sel[s]:
+            if present:
                 self._file_read(int(self.offsets[b]) + a, piece)
             else:
                 self._absent(pos - within + a, piece)
@@ -475,30 +444,16 @@ class VhdxImage(PrescanWrites, Image):
 def bat_problems(img: VhdxImage) -> list[str]:
     """Present blocks past the end of the file, inside the metadata, or overlapping."""
     fsize = max(file_size(img.fd), img.overlay.highest if img.overlay else 0)
-    out: list[str] = []
     idx = np.flatnonzero(np.isin(img.states, PRESENT_STATES))
-    offs = img.offsets[idx]
-    ends = offs + img.block_size
-    low = img.data_start
-    bad = np.flatnonzero((offs < low) | (ends > fsize))
-    for i in bad[:8].tolist():
-        out.append(
-            f"vhdx: BAT entry for block {int(idx[i])} points at {int(offs[i]):#x} "
-            f"(+{img.block_size:#x}), outside the payload area [{low:#x}, {fsize:#x})"
-        )
-    if len(bad) > 8:
-        out.append(f"vhdx: {len(bad) - 8} more BAT entries out of range")
-    order = np.argsort(offs, kind="stable")
-    so = offs[order]
-    clash = np.flatnonzero(so[1:] - so[:-1] < img.block_size)
-    for i in clash[:8].tolist():
-        out.append(
-            f"vhdx: blocks {int(idx[order[i]])} and {int(idx[order[i + 1]])} overlap at "
-            f"{int(so[i + 1]):#x}"
-        )
-    if len(clash) > 8:
-        out.append(f"vhdx: {len(clash) - 8} more overlapping blocks")
-    return out
+    return placement_problems(
+        "vhdx",
+        idx,
+        img.offsets[idx],
+        img.block_size,
+        (img.data_start, fsize),
+        entry="BAT entry for block",
+        area_name="payload area",
+    )
 
 
 # ---------------------------------------------------------------------------------------
