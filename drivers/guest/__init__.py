@@ -33,7 +33,14 @@ from .errors import GuestError
 from .inspection import Inspection, inspect_guest
 from .report import Change, Report, write_report
 
-__all__ = ["Conversion", "GuestError", "Inspection", "convert_images", "inspect_images"]
+__all__ = [
+    "Conversion",
+    "GuestError",
+    "Inspection",
+    "convert_images",
+    "convert_machine",
+    "inspect_images",
+]
 
 
 @dataclass
@@ -42,7 +49,9 @@ class Conversion:
 
     images: list[str]
     platform: str
-    inspection: Inspection
+    inspection: Inspection | None
+    #: False: the disks held nothing to convert (no OS found, Windows) and are untouched
+    converted: bool = True
     disk_drivers: list[str] = field(default_factory=list)
     nic_drivers: list[str] = field(default_factory=list)
     interface_names: list[str] = field(default_factory=list)
@@ -97,10 +106,13 @@ def convert_images(
     spec: MachineSpec | None = None,
     fmts: Sequence[str | None] | None = None,
     report_dir: str | None = None,
+    strict: bool = True,
 ) -> Conversion:
     """Convert the guest on `images` (one machine's disks, in order) for `platform`'s
     hardware as `spec` (the definition written for it) describes it. The images change
-    only if every step succeeds; the report goes to `report_dir` as conversion.json."""
+    only if every step succeeds; the report goes to `report_dir` as conversion.json.
+    Not `strict`: disks with no OS, or one not converted yet (Windows), are left as they
+    are with a warning instead of an error."""
     import drivers
 
     from . import overlay
@@ -122,11 +134,20 @@ def convert_images(
         try:
             seconds["appliance"] = round(time.monotonic() - start, 2)
             start = time.monotonic()
-            found = inspect_guest(app, list(images))
+            try:
+                found = inspect_guest(app, list(images))
+            except GuestError as exc:
+                if strict or exc.step != "inspect" or "no operating system" not in str(exc):
+                    raise
+                return Conversion(list(images), target.name, None, False, warnings=[str(exc)])
             seconds["inspect"] = round(time.monotonic() - start, 2)
             if not found.convertible:
                 name = found.product_name or found.os_family
-                raise GuestError("inspect", f"{name}: {found.note}")
+                if strict:
+                    raise GuestError("inspect", f"{name}: {found.note}")
+                return Conversion(
+                    list(images), target.name, found, False, warnings=[f"{name}: {found.note}"]
+                )
             macs = [n.mac for n in target.complete(spec).nics]
             convert_linux(app, found, target.name, hardware, macs, report, seconds)
         finally:
@@ -152,3 +173,26 @@ def convert_images(
     result.report = os.path.join(directory, "conversion.json")
     write_report(asdict(result), directory)
     return result
+
+
+def convert_machine(spec: MachineSpec, platform: str, outdir: str) -> Conversion:
+    """clone's and v2v's conversion step: the guest on the disks of `spec` (paths relative
+    to `outdir`, as the definition names them) converted for the definition `platform`
+    writes from `spec`. A machine known to run Windows or another OS, or whose disks hold
+    no OS, is left as it is, with a warning."""
+    import drivers
+
+    target = drivers.get_platform(platform)
+    full = target.complete(spec)
+    images = [os.path.join(outdir, d.path or "") for d in full.disks]
+    if full.os in ("windows", "other"):
+        note = (
+            "converting Windows is not supported yet"
+            if full.os == "windows"
+            else "not a Linux guest"
+        )
+        return Conversion(
+            images, target.name, None, False, warnings=[f"guest not converted: {note}"]
+        )
+    fmts = [d.format for d in full.disks]
+    return convert_images(images, platform, spec=full, fmts=fmts, report_dir=outdir, strict=False)

@@ -35,12 +35,14 @@ def convert_linux(
 
     kernels = _kernels_to_rebuild(found, hardware)
     remap = devices.DeviceMap(app)
+    # the cheap edits first: a hostile or broken file stops the conversion before the
+    # long steps
+    timed("devices", lambda: _remap_devices(app, remap, report))
+    timed("network", lambda: _network(app, found, hardware, macs, report))
     timed(
         "remove-tools",
         lambda: tools.convert(app, platform, found.hypervisor_tools, found.package_format, report),
     )
-    timed("devices", lambda: _remap_devices(app, remap, report))
-    timed("network", lambda: _network(app, found, hardware, macs, report))
     drivers = tuple(dict.fromkeys(hardware.disk_drivers + hardware.nic_drivers))
     timed(
         "initramfs",
@@ -79,6 +81,9 @@ def _kernels_to_rebuild(found: Inspection, hardware: GuestHardware) -> list[Kern
 
 def _remap_devices(app: Appliance, remap: devices.DeviceMap, report: Report) -> None:
     for path, column in (("/etc/fstab", 0), ("/etc/crypttab", 1)):
+        if app.is_symlink(path):
+            # a guest's fstab is a file; a link may point anywhere (resolved in the guest)
+            raise GuestError("fstab", f"{path} in the guest is a symlink: refusing to edit it")
         if not app.exists(path):
             continue
         old = app.read_text(path, step="fstab")
