@@ -36,6 +36,19 @@ class BlockImage(PrescanWrites, Image):
         self._bitmaps: dict[int, np.ndarray | None] = {}
         self._lock = threading.Lock()
 
+    block_size: int
+
+    def _blocks(self, offset: int, n: int) -> Iterator[tuple[int, int, int, int]]:
+        """(position, block index, offset in the block, length) of each block's part of
+        [offset, offset + n)."""
+        bs = self.block_size
+        pos, end = offset, offset + n
+        while pos < end:
+            b, within = divmod(pos, bs)
+            step = min(bs - within, end - pos)
+            yield pos, b, within, step
+            pos += step
+
     def _guard(self) -> None:
         if self.problems:
             raise CorruptImage(self.problems[0])

@@ -376,17 +376,12 @@ class SparseVhd(BlockImage):
 
     def _locate(self, offset: int, n: int) -> Iterator[Location]:
         self._guard()
-        bs = self.block_size
-        pos, end = offset, offset + n
-        while pos < end:
-            idx, within = divmod(pos, bs)
-            step = min(bs - within, end - pos)
+        for pos, idx, within, step in self._blocks(offset, n):
             entry = int(self.bat[idx])
             if entry != UNALLOCATED and self._bitmap(idx) is None:  # every sector present
                 yield Location(pos, step, self.fd, entry * SECTOR + self.bitmap_size + within)
             else:
                 yield Location(pos, step)
-            pos += step
 
     def _read_partial(self, pos: int, part: memoryview, data_off: int, bits: np.ndarray) -> None:
         bs = self.block_size
@@ -507,17 +502,12 @@ class SparseVhd(BlockImage):
             # a clear bit would show the parent: zeros must be stored
             super()._write_zeroes(offset, n)
             return
-        bs = self.block_size
-        pos, end = offset, offset + n
-        while pos < end:
-            idx, within = divmod(pos, bs)
-            step = min(bs - within, end - pos)
+        for _, idx, within, step in self._blocks(offset, n):
             entry = int(self.bat[idx])
             if entry != UNALLOCATED:
                 data_off = entry * SECTOR + self.bitmap_size + within
                 if not punch_hole(self.fd, data_off, step):
                     pwrite_all(self.fd, bytes(step), data_off)
-            pos += step
 
     def flush(self) -> None:
         if not self.writable or self.closed:

@@ -168,11 +168,7 @@ class VhdxImage(BlockImage):
 
     def _locate(self, offset: int, n: int) -> Iterator[Location]:
         self._guard()
-        bs = self.block_size
-        pos, end = offset, offset + n
-        while pos < end:
-            b, within = divmod(pos, bs)
-            step = min(bs - within, end - pos)
+        for pos, b, within, step in self._blocks(offset, n):
             state = int(self.states[b])
             present = state == L.PAYLOAD_BLOCK_FULLY_PRESENT or (
                 state == L.PAYLOAD_BLOCK_PARTIALLY_PRESENT and self._bitmap(b) is None
@@ -182,7 +178,6 @@ class VhdxImage(BlockImage):
                 yield Location(pos, step, self.fd, int(self.offsets[b]) + within)
             else:
                 yield Location(pos, step)
-            pos += step
 
     def _file_read(self, foff: int, part: memoryview) -> None:
         preadinto(self.fd, part, foff)
@@ -372,10 +367,7 @@ class VhdxImage(BlockImage):
     def _write_zeroes(self, offset: int, n: int) -> None:
         self._guard()
         bs = self.block_size
-        pos, end = offset, offset + n
-        while pos < end:
-            b, within = divmod(pos, bs)
-            step = min(bs - within, end - pos)
+        for pos, b, within, step in self._blocks(offset, n):
             state = int(self.states[b])
             whole = within == 0 and (step == bs or pos + step == self.size)
             if state in ZERO_STATES or (
@@ -393,7 +385,6 @@ class VhdxImage(BlockImage):
                     pwrite_all(self.fd, bytes(step), foff)
             else:
                 super()._write_zeroes(pos, step)
-            pos += step
 
     def flush(self) -> None:
         if not self.writable or self.closed:

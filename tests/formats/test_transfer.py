@@ -54,21 +54,22 @@ def ext4(tmp_path_factory):
     subprocess.run(["umount", str(mnt)], check=False)
 
 
-@pytest.fixture
-def xdir(xfs, request):
-    """A directory of its own on the XFS mount, removed afterwards (space is short)."""
-    d = xfs / request.node.name.replace("[", "_").replace("]", "")
+def _own_dir(mnt, request):
+    """A directory of the test's own on a mount, removed afterwards (space is short)."""
+    d = mnt / request.node.name.replace("[", "_").replace("]", "")
     d.mkdir()
     yield d
     shutil.rmtree(d)
+
+
+@pytest.fixture
+def xdir(xfs, request):
+    yield from _own_dir(xfs, request)
 
 
 @pytest.fixture
 def edir(ext4, request):
-    d = ext4 / request.node.name.replace("[", "_").replace("]", "")
-    d.mkdir()
-    yield d
-    shutil.rmtree(d)
+    yield from _own_dir(ext4, request)
 
 
 def make_source(path, size: int = 24 * MiB) -> str:
