@@ -186,10 +186,10 @@ class _Engine:
         """Whether runs stored plainly in a source file on the output's filesystem are
         moved there without being read: where that filesystem shares blocks, which costs
         neither time nor space. Elsewhere reading pays: zero detection keeps the output
-        sparse, which a copy in the kernel cannot. A backing image to compare with, an
-        output that compresses or takes writes in order only, must read every byte."""
+        sparse, which a copy in the kernel cannot. An output that compresses or takes
+        writes in order only must read every byte."""
         dst = self.dst
-        if not share or self.backing is not None or dst.encodes or dst.is_sequential:
+        if not share or dst.encodes or dst.is_sequential:
             return False
         files = dst.files()
         return bool(files) and shares_blocks(os.path.dirname(os.path.abspath(files[0])))
@@ -216,8 +216,8 @@ class _Engine:
             self._read(piece, rng)
             return piece
         todo: Extent | None = None  # neighbouring runs that must be read, read at once
-        for loc in self.src.locate(rng.start, rng.length):
-            if loc.fd is not None and self.mover.can_move(loc.fd, self.dst_dev):
+        for loc in self._movable(rng):
+            if loc.fd is not None:
                 if todo is not None:
                     self._read(piece, todo)
                     todo = None
@@ -229,6 +229,25 @@ class _Engine:
         if todo is not None:
             self._read(piece, todo)
         return piece
+
+    def _movable(self, rng: Extent) -> Iterator[Location]:
+        """The source's locations over `rng`, fd None where the run must be read: not
+        stored plainly on the output's filesystem, or, with a backing image, where the
+        backing holds data (the run is compared with it and only what differs is kept)."""
+        for loc in self.src.locate(rng.start, rng.length):
+            if loc.fd is None or not self.mover.can_move(loc.fd, self.dst_dev):
+                yield Location(loc.start, loc.length)
+            elif self.backing is None or loc.start >= self.backing.size:
+                yield loc
+            else:
+                end = min(loc.start + loc.length, self.backing.size)
+                for e in self.backing.extents(loc.start, end):
+                    fd = loc.fd if e.kind == Kind.ZERO else None
+                    yield Location(e.start, e.length, fd, loc.offset + e.start - loc.start)
+                if end < loc.start + loc.length:
+                    yield Location(
+                        end, loc.start + loc.length - end, loc.fd, loc.offset + end - loc.start
+                    )
 
     def _read(self, piece: _Piece, rng: Extent) -> None:
         """Read `rng` of the piece's chunk in pieces no larger than a chunk buffer."""

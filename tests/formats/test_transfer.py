@@ -19,7 +19,7 @@ from formats.convert import convert
 from formats.extents import Extent, Kind
 from formats.transfer import Mover, shares_blocks
 from formats.views import WindowImage
-from tests.external import loop_mount, need_tool, p2v, qemu_img, run, unavailable
+from tests.external import loop_mount, need_tool, p2v, qemu_img, qemu_io, run, unavailable
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -244,14 +244,25 @@ def test_block_device_source_is_read(xdir):
         subprocess.run(["losetup", "-d", dev], check=False)
 
 
-def test_backing_overlay_reads_what_it_compares(xdir):
+def test_backing_overlay_shares_where_the_backing_is_empty_and_compares_elsewhere(xdir):
+    """-B: where the backing holds data, the source is read and compared with it (only
+    what differs is stored); where it holds none, the source's blocks are shared."""
     src = make_source(xdir / "src.raw")
     base = str(xdir / "base.qcow2")
     qemu_img("create", "-f", "qcow2", base, str(24 * MiB))
+    with open(src, "rb") as f:
+        first = f.read(MiB)  # the backing holds the source's first MiB, and other bytes
+    qemu_io("qcow2", base, "write -P 0x5a 16M 1M")
+    with formats.open(base, "qcow2", writable=True) as img:
+        img.write(0, first)
     out = str(xdir / "out.qcow2")
     stats = convert_path(src, out, "qcow2", backing_file="base.qcow2", backing_fmt="qcow2")
-    assert stats.bytes_shared == 0
+    # the MiB the backing holds differently is compared and stored, the equal one is not,
+    # and everything else (2 + 1 + 4 - 1 MiB, 64 KiB around 9 MiB) is shared
+    assert stats.bytes_copied == MiB
+    assert stats.bytes_shared == 6 * MiB + 64 * KiB
     qemu_img("compare", "-f", "raw", "-F", "qcow2", src, out)
+    qemu_img("check", "-f", "qcow2", out)
 
 
 def test_cli_reports_sharing_and_accepts_minus_c(xdir):
