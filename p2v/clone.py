@@ -97,6 +97,7 @@ class CloneOptions:
     skip_unused: bool = False
     compress: bool = True
     target: str | None = None
+    convert_guest: bool = True  # with a target: convert the guest on the images for it
     verify: bool = True
     snapshot: bool = False  # clone LVM volumes from a snapshot when there is room
     workers: int = DEFAULT_WORKERS
@@ -133,6 +134,7 @@ class CloneResult:
     disks: list[DiskResult]
     definition: Any = None
     definition_error: str | None = None
+    conversion: Any = None  # drivers.guest.Conversion
     seconds: float = 0.0
     agent: str = ""  # the agent that ran: "python" or "shell"
     agent_reason: str = ""  # why that one
@@ -618,6 +620,11 @@ def clone(
             # reported, not a reason to call the clone failed
             log.warning("%s", exc)
             result.definition_error = str(exc)
+    if opts.target and opts.convert_guest and result.definition_error is None:
+        from drivers.guest import convert_machine  # libguestfs: loaded only to convert
+
+        spec = inventory.machine_spec(description)
+        result.conversion = convert_machine(spec, opts.target, outdir)
     result.seconds = time.monotonic() - t0
     return result
 

@@ -71,6 +71,7 @@ class V2VRequest:
     network: str | None = None
     force: bool = False
     workers: int | None = None
+    convert_guest: bool = True  # convert the guest on the output disks for the platform
 
 
 @dataclass
@@ -97,6 +98,7 @@ class V2VResult:
     checklist: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    conversion: Any = None  # drivers.guest.Conversion
 
 
 def guess_boot(path: str, fmt: str | None) -> tuple[str, str | None]:
@@ -261,6 +263,13 @@ def run_v2v(req: V2VRequest, progress: Progress | None = None) -> V2VResult:
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    conversion = None
+    if req.convert_guest:
+        # after the definition: a conversion that fails leaves the disks as converted
+        # above (it commits nothing), and they stay for convert-guest to try again
+        from drivers.guest import convert_machine  # libguestfs: loaded only to convert
+
+        conversion = convert_machine(final, platform.name, outdir)
     return V2VResult(
         source=req.source,
         source_kind=kind,
@@ -273,4 +282,5 @@ def run_v2v(req: V2VRequest, progress: Progress | None = None) -> V2VResult:
         checklist=platform.checklist(source, final),
         warnings=warnings,
         seconds=time.monotonic() - t0,
+        conversion=conversion,
     )

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from ..machine import DiskSpec, MachineSpec, NicSpec
-from .appliance import Appliance
+from .appliance import NO_OS, Appliance
 from .errors import GuestError
 from .inspection import Inspection, inspect_guest
 from .report import Change, Report, write_report
@@ -79,9 +79,17 @@ def _formats(images: Sequence[str], fmts: Sequence[str | None] | None) -> list[s
     return [image_format(p, f) for p, f in zip(images, given)]
 
 
+def _precheck(images: Sequence[str], fmts: list[str]) -> None:
+    from .volumes import may_hold_an_os
+
+    if not may_hold_an_os(list(images), fmts):
+        raise GuestError("inspect", NO_OS)
+
+
 def inspect_images(images: Sequence[str], fmts: Sequence[str | None] | None = None) -> Inspection:
     """Inspect one machine's disk images (read-only: nothing is written to them)."""
     found_fmts = _formats(images, fmts)
+    _precheck(images, found_fmts)
     with Appliance(list(zip(images, found_fmts)), readonly=True) as app:
         return inspect_guest(app, list(images))
 
@@ -123,6 +131,12 @@ def convert_images(
     found_fmts = _formats(images, fmts)
     spec = spec or guest_spec(images, found_fmts)
     hardware = target.guest_hardware(spec)
+    try:
+        _precheck(images, found_fmts)
+    except GuestError as exc:
+        if strict:
+            raise
+        return Conversion(list(images), target.name, None, False, warnings=[str(exc)])
     report = Report(target.name)
     seconds: dict[str, float] = {}
     workdir = os.path.dirname(os.path.abspath(images[0]))
@@ -137,7 +151,7 @@ def convert_images(
             try:
                 found = inspect_guest(app, list(images))
             except GuestError as exc:
-                if strict or exc.step != "inspect" or "no operating system" not in str(exc):
+                if strict or exc.step != "inspect" or NO_OS not in str(exc):
                     raise
                 return Conversion(list(images), target.name, None, False, warnings=[str(exc)])
             seconds["inspect"] = round(time.monotonic() - start, 2)

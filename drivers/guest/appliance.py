@@ -28,6 +28,7 @@ from .errors import GuestError
 MAX_CONFIG = 1 << 20
 #: memory for the appliance: update-initramfs and dracut run inside it
 MEMORY_MIB = 1024
+NO_OS = "no operating system found"
 _ACCEL_ENV = "P2V_GUESTFS_ACCEL"  # kvm or tcg: skip the probe
 
 
@@ -151,15 +152,20 @@ class Appliance:
             raise GuestError(
                 "inspect", f"{len(roots)} operating systems on these disks ({', '.join(roots)})"
             )
-        fstypes = self.g.list_filesystems()
-        locked = sorted(dev for dev, kind in fstypes.items() if kind == "crypto_LUKS")
+        locked = []
+        for dev in [*self.g.list_devices(), *self.g.list_partitions()]:
+            try:
+                if self.g.vfs_type(dev) == "crypto_LUKS":
+                    locked.append(dev)
+            except RuntimeError:
+                continue  # nothing blkid knows on it
         if locked:
             raise GuestError(
                 "inspect",
-                f"no operating system found outside encrypted volumes ({', '.join(locked)}); "
+                f"{NO_OS} outside encrypted volumes ({', '.join(locked)}); "
                 "an encrypted root needs its key, which p2v does not take yet",
             )
-        raise GuestError("inspect", "no operating system found on these disks")
+        raise GuestError("inspect", f"{NO_OS} on these disks")
 
     def mount(self, root: str) -> list[tuple[str, str]]:
         """Mount the guest's filesystems (root first, then by depth) and return

@@ -94,6 +94,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--compress", choices=("zlib", "none"), default="zlib", help="compression on the wire"
     )
     p.add_argument("--target", dest="platform", choices=TARGETS, help="write a VM definition")
+    p.add_argument("--no-convert-guest", action="store_true",
+                   help="with --target: leave the guest as copied (no drivers, fstab, network changes)")  # fmt: skip
     p.add_argument("--no-verify", action="store_true", help="skip the hash check after copying")
     p.add_argument(
         "--snapshot",
@@ -210,6 +212,7 @@ def cmd_clone(args: argparse.Namespace) -> int:
         skip_unused=args.skip_unused,
         compress=args.compress == "zlib",
         target=args.platform,
+        convert_guest=not args.no_convert_guest,
         verify=not args.no_verify,
         snapshot=args.snapshot,
         workers=args.workers,
@@ -237,6 +240,10 @@ def cmd_clone(args: argparse.Namespace) -> int:
     print(f"machine description: {res.machine}")
     if res.definition is not None:
         print(f"{args.platform} definition: {res.definition}")
+    if res.conversion is not None:
+        from p2v.commands.guest import print_conversion
+
+        print_conversion(res.conversion)
     return 0
 
 

@@ -72,8 +72,8 @@ def cmd_convert_guest(args: argparse.Namespace) -> int:
 
 
 def print_inspection(i: Inspection) -> None:
-    name = i.product_name or i.distribution or i.os_family
-    print(f"{name} ({i.os_family}, {i.distribution or '?'} {i.version or ''}, {i.architecture})")
+    name = i.product_name if i.os_family == "windows" else i.distribution
+    print(f"{name or i.os_family} {i.version or ''} ({i.os_family}, {i.architecture})")
     if i.note:
         print(f"  {i.note}")
         return
@@ -92,7 +92,11 @@ def print_inspection(i: Inspection) -> None:
 
 
 def print_conversion(c: Conversion) -> None:
-    print(f"converted for {c.platform} ({c.accelerator.upper()} appliance):")
+    if not c.converted:
+        for w in c.warnings:
+            print(f"guest: {w}")
+        return
+    print(f"guest converted for {c.platform} ({c.accelerator.upper()} appliance):")
     print(f"  drivers: {', '.join(c.disk_drivers + c.nic_drivers)}")
     print(f"  interfaces: {', '.join(n or '?' for n in c.interface_names) or 'none'}")
     for line in c.summary():

@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nic-model", choices=NIC_MODELS, help="NIC model for every NIC")
     p.add_argument("--network", help="network, bridge or switch every NIC joins")
     p.add_argument("--force", action="store_true", help="overwrite existing disks in OUTDIR")
+    p.add_argument("--no-convert-guest", action="store_true",
+                   help="leave the guest as copied (no drivers, fstab, network changes)")  # fmt: skip
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-W", "--workers", type=int, help="conversion worker threads")
     p.add_argument("--output", choices=("human", "json"), default="human")
@@ -65,6 +67,7 @@ def cmd_v2v(args: argparse.Namespace) -> int:
         network=args.network,
         force=args.force,
         workers=args.workers,
+        convert_guest=not args.no_convert_guest,
     )
     with byte_bar("v2v", args.progress) as progress:
         result = run_v2v(req, progress)
@@ -96,3 +99,7 @@ def print_summary(r: V2VResult) -> None:
         print("not carried over / warnings:")
         for line in r.warnings:
             print(f"  ! {line}")
+    if r.conversion is not None:
+        from p2v.commands.guest import print_conversion
+
+        print_conversion(r.conversion)
