@@ -10,6 +10,9 @@ checklist says what virt-v2v would have edited.
 An .ova or .ovf is verified (manifest digests) and unpacked into a staging directory
 inside OUTDIR first; the staging copy is removed whatever happens. A failure removes every
 disk this run converted, so OUTDIR never holds half a VM.
+
+`--to lxc` makes a container instead (run_v2lxc): the source's guest becomes a rootfs
+tarball and an LXC configuration (drivers.guest.lxc), its disks read where they are.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import drivers
 import formats
@@ -31,7 +34,13 @@ from drivers.machine import DiskSpec, MachineSpec, NicSpec
 from formats.convert import Progress, convert, convert_image
 from formats.output import atomic_create
 
+if TYPE_CHECKING:
+    from drivers.guest.lxc import ContainerResult
+
 log = logging.getLogger(__name__)
+
+#: `--to lxc`: not a hypervisor platform (no disks, no VM definition) but a container
+LXC = "lxc"
 
 DEFAULT_MEMORY = 1 << 30
 
@@ -284,3 +293,28 @@ def run_v2v(req: V2VRequest, progress: Progress | None = None) -> V2VResult:
         seconds=time.monotonic() - t0,
         conversion=conversion,
     )
+
+
+def run_v2lxc(req: V2VRequest) -> ContainerResult:
+    """`p2v v2v --to lxc`: the source machine's Linux guest as an LXC container in OUTDIR
+    (rootfs tarball and configuration); `req.network` names the bridge."""
+    from drivers.guest import lxc
+
+    os.makedirs(req.outdir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".p2v-v2v-", dir=os.path.abspath(req.outdir))
+    try:
+        source, _ = read_source(req, staging)
+        _check_disks(source, req.source)
+        spec = source.replace(name=lxc.container_name(source.name))
+        result = lxc.make_container(
+            [d.path or "" for d in spec.disks],
+            spec,
+            req.outdir,
+            fmts=[d.format for d in spec.disks],
+            bridge=req.network or lxc.DEFAULT_BRIDGE,
+            force=req.force,
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.warnings = [*source.warnings, *result.warnings]
+    return result

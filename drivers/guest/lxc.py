@@ -132,7 +132,8 @@ def config_text(
     if arch:
         lines.append(f"lxc.arch = {arch}")
     lines += [
-        f"lxc.uts.name = {spec.name}",
+        # the machine's own hostname (systemd would set it from /etc/hostname anyway)
+        f"lxc.uts.name = {_hostname(found.hostname) or spec.name}",
         f"lxc.rootfs.path = dir:{rootfs_path}",
         f"# limits: the machine's {spec.cpus} CPU(s) and {spec.memory >> 20} MiB",
     ]
@@ -157,6 +158,13 @@ def config_text(
             f"lxc.net.{i}.hwaddr = {mac}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _hostname(name: str | None) -> str | None:
+    """The guest's hostname when it is one (a hostile guest's is not written as is)."""
+    if name and re.match(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62})$", name):
+        return name
+    return None
 
 
 def _hwaddr() -> str:

@@ -11,6 +11,7 @@ from p2v.output import human_size, parse_size, print_json
 from p2v.progress import byte_bar
 
 if TYPE_CHECKING:
+    from drivers.guest.lxc import ContainerResult
     from p2v.v2v import V2VResult
 
 
@@ -22,11 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Convert every disk of SOURCE to the target platform's preferred format, write "
             "the target's VM definition into OUTDIR, and print what changed (disk bus, NIC "
             "model, firmware) and what the guest needs before its first boot there. "
-            f"Platforms: {', '.join(drivers.NAMES)}."
+            f"Platforms: {', '.join(drivers.NAMES)}; or lxc: the guest as an LXC container "
+            "(rootfs tarball and configuration; --network names the bridge, default lxcbr0)."
         ),
     )
     p.add_argument("--to", dest="platform", default="kvm", metavar="PLATFORM",
-                   help=f"target platform (default kvm; one of {', '.join(drivers.NAMES)})")  # fmt: skip
+                   help=f"target platform (default kvm; one of {', '.join(drivers.NAMES)}, lxc)")  # fmt: skip
     p.add_argument("-O", dest="out_fmt", help="disk format (default: the platform's preferred)")
     p.add_argument("-f", dest="src_fmt", help="format of a bare-disk SOURCE (probed if omitted)")
     p.add_argument("--name", help="VM name (default: the source's)")
@@ -69,6 +71,15 @@ def cmd_v2v(args: argparse.Namespace) -> int:
         workers=args.workers,
         convert_guest=not args.no_convert_guest,
     )
+    if args.platform == "lxc":
+        from p2v.v2v import run_v2lxc
+
+        container = run_v2lxc(req)
+        if args.output == "json":
+            print_json(container)
+        else:
+            print_container(container)
+        return 0
     with byte_bar("v2v", args.progress) as progress:
         result = run_v2v(req, progress)
     if args.output == "json":
@@ -103,3 +114,17 @@ def print_summary(r: V2VResult) -> None:
         from p2v.commands.guest import print_conversion
 
         print_conversion(r.conversion)
+
+
+def print_container(r: ContainerResult) -> None:
+    print(f"{', '.join(r.images)} -> LXC container {r.name} ({r.distribution} {r.version})")
+    print(f"rootfs: {r.rootfs} (without {', '.join(r.excluded)})")
+    print(f"config: {r.config} ({r.cpus} CPU(s), {r.memory >> 20} MiB, veth on {r.bridge}, "
+          f"cgroup {r.cgroup} keys)")  # fmt: skip
+    for c in r.changes:
+        print(f"  - {c.target}: {'; '.join(c.details)}")
+    for w in r.warnings:
+        print(f"  ! {w}")
+    print("to run it:")
+    for step in r.next_steps:
+        print(f"  {step}")
