@@ -298,3 +298,25 @@ def make_container(
         ],
         seconds=seconds,
     )
+
+
+def container_from_images(
+    images: Sequence[str],
+    outdir: str | None = None,
+    *,
+    fmts: Sequence[str | None] | None = None,
+    bridge: str = DEFAULT_BRIDGE,
+    force: bool = False,
+) -> ContainerResult:
+    """`p2v convert-guest --to lxc`: images copied earlier, with no machine description:
+    the container is named after the first image, with convert-guest's default machine
+    (1 CPU, 1 GiB, one NIC), written beside the images unless `outdir` is given."""
+    from . import guest_spec
+
+    if not images:
+        raise GuestError("open", "no disk image given")
+    stem = os.path.splitext(os.path.basename(images[0]))[0]
+    spec = guest_spec(images, [f or "raw" for f in (fmts or [None] * len(images))])
+    spec = spec.replace(name=container_name(stem))
+    where = outdir or os.path.dirname(os.path.abspath(images[0]))
+    return make_container(images, spec, where, fmts=fmts, bridge=bridge, force=force)

@@ -39,9 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
             "them records every change."
         ),
     )
-    p.add_argument("--to", dest="platform", default="kvm", choices=NAMES,
-                   help="target platform (default kvm)")  # fmt: skip
+    p.add_argument("--to", dest="platform", default="kvm", choices=(*NAMES, "lxc"),
+                   help="target platform (default kvm); lxc: the guest as an LXC container")  # fmt: skip
     p.add_argument("-f", dest="fmt", help="format of every image (probed if omitted)")
+    # --to lxc (drivers/guest/lxc.py): the images stay as they are
+    p.add_argument("-o", dest="outdir", help="--to lxc: where the tarball and config go")
+    p.add_argument("--bridge", default="lxcbr0", help="--to lxc: bridge for the veth (lxcbr0)")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=cmd_convert_guest)
@@ -59,6 +62,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_guest(args: argparse.Namespace) -> int:
+    if args.platform == "lxc":
+        return _convert_to_lxc(args)
     from drivers.guest import convert_images
 
     done = convert_images(
@@ -68,6 +73,19 @@ def cmd_convert_guest(args: argparse.Namespace) -> int:
         print_json(done)
     else:
         print_conversion(done)
+    return 0
+
+
+def _convert_to_lxc(args: argparse.Namespace) -> int:
+    from drivers.guest.lxc import container_from_images
+    from p2v.commands.v2v import print_container
+
+    fmts = [args.fmt] * len(args.images) if args.fmt else None
+    made = container_from_images(args.images, args.outdir, fmts=fmts, bridge=args.bridge)
+    if args.output == "json":
+        print_json(made)
+    else:
+        print_container(made)
     return 0
 
 

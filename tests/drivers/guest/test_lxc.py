@@ -95,13 +95,18 @@ def test_names_made_fit_and_bad_ones_refused():
             lxc.check_name(bad)
 
 
-def test_a_disk_without_an_os_is_one_line_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("command", ["v2v", "convert-guest"])
+def test_a_disk_without_an_os_is_one_line_and_leaves_nothing(tmp_path, command):
     need_tool("qemu-img")
     blank = tmp_path / "blank.raw"
     with open(blank, "wb") as f:
         f.truncate(64 * MiB)
     out = tmp_path / "out"
-    res = p2v("v2v", "--to", "lxc", str(blank), str(out))
+    if command == "v2v":
+        res = p2v("v2v", "--to", "lxc", str(blank), str(out))
+    else:
+        out.mkdir()
+        res = p2v("convert-guest", "--to", "lxc", "-o", str(out), str(blank))
     assert res.returncode == 1, res.stdout + res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "no operating system" in lines[0], res.stderr
