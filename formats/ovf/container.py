@@ -183,11 +183,8 @@ class Zip(Container):
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
-        try:
-            with zipfile.ZipFile(path) as z:
-                infos = z.infolist()
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise CorruptImage(f"{path}: not a readable zip archive ({exc})") from exc
+        with _open_zip(path) as z:
+            infos = z.infolist()
         if len(infos) > ustar.MAX_MEMBERS:
             raise UnsafeImage(f"{path}: more than {ustar.MAX_MEMBERS} zip entries")
         self._entries: dict[str, str] = {}  # checked name -> the entry's own name
@@ -200,16 +197,20 @@ class Zip(Container):
 
     @contextlib.contextmanager
     def stream(self, names):
-        try:
-            z = zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise CorruptImage(f"{self.path}: not a readable zip archive ({exc})") from exc
+        z = _open_zip(self.path)
 
         def each():
             for name in names:
                 try:
                     f = z.open(self._entries[name])
-                except (zipfile.BadZipFile, KeyError, NotImplementedError, RuntimeError) as exc:
+                except (
+                    *DECOMPRESS_ERRORS,
+                    KeyError,
+                    NotImplementedError,
+                    RuntimeError,
+                    ValueError,
+                ) as exc:
+                    # a damaged local header: zipfile seeks where it says (EINVAL) or finds junk
                     raise CorruptImage(f"{self.path}: {name}: {exc}") from exc
                 with f:
                     # ZipExtFile stops at the entry's declared size and checks its CRC
@@ -217,6 +218,15 @@ class Zip(Container):
 
         with z:
             yield each()
+
+
+def _open_zip(path: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except NotImplementedError as exc:  # a zip version or feature zipfile does not read
+        raise UnsupportedFeature(f"{path}: {exc}") from exc
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise CorruptImage(f"{path}: not a readable zip archive ({exc})") from exc
 
 
 def _zip_name(info: zipfile.ZipInfo) -> str | None:

@@ -64,3 +64,23 @@ def test_hostile_ova_via_the_command(tmp_path):
     assert res.returncode == 1
     assert res.stderr.count("\n") == 1 and "'..'" in res.stderr
     assert sorted(os.listdir(tmp_path)) == ["evil.ova"]
+
+
+def test_info_and_unpack_of_a_gzip_tar_ova(tmp_path):
+    need_tool("tar", "gzip")
+    disk = _disk(tmp_path / "a.raw", 8 * MiB)
+    ova = tmp_path / "shop.ova"
+    assert p2v("ovf", "pack", "--name", "shop", "-o", str(ova), disk).returncode == 0
+    x = tmp_path / "x"
+    x.mkdir()
+    assert run(["tar", "xf", str(ova), "-C", str(x)]).returncode == 0
+    tgz = tmp_path / "shop-tgz.ova"
+    res = run(["tar", "czf", str(tgz), "shop.ovf", "shop.mf", "shop-disk1.vmdk"], cwd=x)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(p2v("info", "--output", "json", str(tgz), check=True).stdout)
+    assert info["format"] == "ova (gzip)" and info["manifest"] == "sha256"
+    assert any("plain tar" in w for w in info["warnings"])
+    out = tmp_path / "out"
+    res = p2v("ovf", "unpack", "-O", "raw", str(tgz), str(out))
+    assert res.returncode == 0, res.stderr
+    qemu_img("compare", "-f", "raw", "-F", "raw", disk, str(out / "shop-disk1.img"))
