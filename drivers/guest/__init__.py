@@ -12,6 +12,7 @@ through libguestfs (an appliance VM that runs the guest's own tools in the guest
     network      ifupdown, netplan, networkd, NetworkManager, ifcfg, udev rules
     tools        hypervisor tools removed, qemu-guest-agent enabled
     overlay      convert on qcow2 overlays, commit only on success
+    volumes      the host-side check that any volume could hold an OS (no appliance)
     report       every change, as conversion.json and a summary
 
 Windows guests are recognised and refused (not converted yet). Entry points:

@@ -114,9 +114,8 @@ def inspect_guest(app: Appliance, images: list[str]) -> Inspection:
         found.convertible = False
         found.note = f"converting {kind} guests is not supported"
         return found
-    fstypes = g.list_filesystems()
     for mp, dev in app.mount(root):
-        found.mounts.append(Mount(mp, dev, fstypes.get(dev.split("btrfsvol:")[-1])))
+        found.mounts.append(Mount(mp, dev, _fstype(app, dev)))
     found.logical_volumes = list(g.lvs())
     found.kernels = _kernels(app)
     if not found.kernels:
@@ -128,6 +127,15 @@ def inspect_guest(app: Appliance, images: list[str]) -> Inspection:
     found.hypervisor_tools = tools.installed(app, root)
     found.selinux = _selinux(app)
     return found
+
+
+def _fstype(app: Appliance, dev: str) -> str | None:
+    if dev.startswith("btrfsvol:"):
+        return "btrfs"
+    try:
+        return str(app.g.vfs_type(dev)) or None
+    except RuntimeError:
+        return None
 
 
 def _known(value: str) -> str | None:
