@@ -70,6 +70,8 @@ GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"
 # initramfs-tools resolves each module's dependencies (libahci, libata, jbd2, ...)
 INITRAMFS_MODULES_A = "ahci\nsd_mod\next4\ncrc32c_generic\ne1000\n"
 
+# dracut's qemu modules add every virtio driver to a host-only image when the host is a
+# QEMU guest: the build omits them, as dracut would on the physical server this stands for
 HOSTONLY_UNIT = """[Unit]
 Description=p2v test server: host-only initramfs for this machine, then power off
 After=local-fs.target
@@ -77,7 +79,7 @@ After=local-fs.target
 [Service]
 Type=oneshot
 StandardOutput=journal+console
-ExecStart=/bin/sh -c 'dracut -f -H --regenerate-all && \
+ExecStart=/bin/sh -c 'dracut -f -H --omit "qemu qemu-net" --regenerate-all && \
 rm -f /etc/systemd/system/p2v-hostonly.service \
 /etc/systemd/system/multi-user.target.wants/p2v-hostonly.service && \
 sync && echo P2V-HOSTONLY-OK >/dev/console && systemctl --no-block poweroff'
@@ -359,6 +361,9 @@ def build(name: str, cache: str = CACHE) -> Server:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.isdir(final):
             return _load(final)
+        # what a killed build left behind (the lock is ours: nobody else builds it)
+        for stale in glob.glob(os.path.join(cache, f".build-{name}-*")):
+            shutil.rmtree(stale, ignore_errors=True)
         accel = accelerator()
         workdir = tempfile.mkdtemp(prefix=f".build-{name}-", dir=cache)
         try:
