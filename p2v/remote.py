@@ -273,5 +273,5 @@ def start_agent(
         conn = protocol.start_agent(stream, name=f"agent on {session.name}")
     conn.mode = mode
     conn.mode_reason = reason
-    log.info("%s: %s agent (%s)", session.name, mode, reason)
+    log.debug("%s: %s agent (%s)", session.name, mode, reason)  # the result says it too
     return conn

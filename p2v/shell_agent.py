@@ -167,6 +167,12 @@ class _Request:
     future: cf.Future
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def caller(self) -> cf.Future:
+        """The future the caller waits on: a READ's outlives its retries, a HASH's
+        gathers its chunks."""
+        return self.meta.get("outer") or self.future
+
 
 def dd_geometry(offset: int, length: int, unit: int = UNIT) -> tuple[int, int, int, int]:
     """(bs, skip, count, cut) for dd to read [offset, offset + length): the largest power
@@ -289,7 +295,7 @@ class _Shell:
             raise AgentError(f"{self.conn.name}: answer {line[:80]!r} out of step")
         if tag == b"X":
             message = (fields[2] if len(fields) > 2 else b"").decode("utf-8", "replace")
-            _settle(request.future, exc=AgentRequestError(STATUS_ERROR, message))
+            _settle(request.caller, exc=AgentRequestError(STATUS_ERROR, message))
         elif request.kind == "read" and tag in (b"Z", b"D"):
             self._read_answer(request, tag)
         elif request.kind == "hash" and tag == b"S":
@@ -305,7 +311,7 @@ class _Shell:
         length = request.meta["length"]
         if tag == b"Z":
             zero = ReadResult(length, _zero_digest(length), DATA_ZERO, b"")
-            _settle(request.future, zero)
+            _settle(request.caller, zero)
             return
         data = self.reader.read_exact(length)
         trailer = self.reader.readline() + b"\n" + self.reader.readline()
@@ -323,7 +329,7 @@ class _Shell:
                 f"{request.meta['path']}: read error at {request.meta['offset']:#x} "
                 f"(dd exited with {int(fields[2])})",
             )
-            _settle(request.future, exc=error)
+            _settle(request.caller, exc=error)
             return
         self.conn._check_read(request, data, fields[3])
 
@@ -738,9 +744,7 @@ class ShellConnection:
                 shell.pending.clear()
             for request in pending:
                 _settle(request.future, exc=failure)
-                outer = request.meta.get("outer")
-                if outer is not None:
-                    _settle(outer, exc=failure)
+                _settle(request.caller, exc=failure)
 
     def close(self) -> None:
         if self.closed:

@@ -60,21 +60,6 @@ class BusyboxServer:
         with open(self.userspec, "w") as f:
             f.write(f"--userspec={uid}:{uid}\n" if uid is not None else "")
 
-    def remove_applets(self, *names: str) -> list[str]:
-        """Take applets out of the chroot (a server without dd, say); returns them for
-        `restore_applets`."""
-        gone = []
-        for name in names:
-            path = os.path.join(self.root, "bin", name)
-            if os.path.lexists(path):
-                os.unlink(path)
-                gone.append(name)
-        return gone
-
-    def restore_applets(self, names: list[str]) -> None:
-        for name in names:
-            os.symlink("/bin/busybox", os.path.join(self.root, "bin", name))
-
     @contextlib.contextmanager
     def network(self) -> Iterator[None]:
         with in_netns(self.netns):
