@@ -13,8 +13,18 @@ import threading
 import time
 from collections.abc import Callable
 
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30}
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?)?\s*(?:b|b/s|bps)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 1 << 10,
+    "mi": 1 << 20,
+    "gi": 1 << 30,
+    "ti": 1 << 40,
+}
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?\s*(?:b|b/s|bps)?\s*$", re.IGNORECASE)
 
 
 def parse_rate(text: str | int | float) -> float:

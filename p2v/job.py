@@ -66,6 +66,8 @@ SERVER_KEYS = {
     "cutover",
     "libvirt_uri",
     "shutdown_command",
+    "used_bytes",
+    "link",
 }
 PLAN_KEYS = {
     "concurrency",
@@ -144,6 +146,8 @@ class ServerJob:
     cutover: list[str] = field(default_factory=list)
     libvirt_uri: str | None = None
     shutdown_command: str = "systemctl poweroff || shutdown -h now"
+    used_bytes: int | None = None  # for --estimate: what the copy will carry
+    link: float | None = None  # for --estimate: the source's link, bytes/s
 
 
 @dataclass
@@ -287,7 +291,14 @@ def _server(raw: Any, defaults: dict[str, Any], base: str, index: int) -> Server
         cutover=cutover,
         libvirt_uri=str(uri) if uri else None,
         shutdown_command=str(spec.get("shutdown_command") or ServerJob.shutdown_command),
+        used_bytes=_size(spec.get("used_bytes"), "used_bytes", f"server {name}"),
+        link=_rate(spec.get("link"), "link", f"server {name}"),
     )
+
+
+def _size(value: Any, key: str, who: str) -> int | None:
+    size = _rate(value, key, who)  # spelled as rates are: 200G, 1.5T, 512Gi
+    return None if size is None else int(size)
 
 
 def _rate(value: Any, key: str, who: str) -> float | None:
@@ -450,10 +461,23 @@ def load_job(path: str) -> tuple[list[ServerJob], int]:
 def run_job(
     path: str, *, action: str = "clone", concurrency: int | None = None, progress_factory=None
 ) -> JobResult:
-    """Clone (or sync) every server of the job, at most `concurrency` at a time. A
-    server's failure is reported and does not stop the others."""
-    servers, default_concurrency = load_job(path)
-    limit = concurrency or default_concurrency
+    """Clone (or sync) every server of the job, at most `concurrency` at a time, wave
+    after wave. A server's failure is reported and does not stop the others."""
+    plan = load_plan(path)
+    staged = [s.name for s in plan.servers if s.cutover]
+    if staged:
+        # cut-over steps are tasks with their own state, kept in Redis: they run on workers
+        raise JobError(
+            f"{path}: cut-over steps ({', '.join(staged)}) run on workers: "
+            "p2v run PLAN --broker redis://HOST:PORT/N"
+        )
+    now = datetime.now(timezone.utc)
+    if plan.not_after and now >= plan.not_after:
+        raise JobError(f"{path}: the plan's window closed at {plan.not_after.isoformat()}")
+    if plan.not_before and now < plan.not_before:
+        log.info("waiting for the plan's window (%s)", plan.not_before.isoformat())
+        time.sleep((plan.not_before - now).total_seconds())
+    limit = concurrency or plan.concurrency
     t0 = time.monotonic()
     result = JobResult(job=path, action=action, concurrency=limit)
 
@@ -465,7 +489,11 @@ def run_job(
                 res: CloneResult | SyncResult = sync(
                     job.connect,
                     job.outdir,
-                    SyncOptions(compress=job.clone.compress, python=job.clone.python),
+                    SyncOptions(
+                        compress=job.clone.compress,
+                        python=job.clone.python,
+                        max_bandwidth=job.clone.max_bandwidth,
+                    ),
                     progress_factory=progress_factory,
                 )
             else:
@@ -477,6 +505,7 @@ def run_job(
         return ServerOutcome(job.name, True, result=res, seconds=time.monotonic() - start)
 
     with cf.ThreadPoolExecutor(limit, thread_name_prefix="p2v-job") as pool:
-        result.servers = list(pool.map(one, servers))
+        for wave in plan.waves:
+            result.servers += pool.map(one, wave.servers)  # a wave starts when one ends
     result.seconds = time.monotonic() - t0
     return result

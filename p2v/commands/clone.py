@@ -10,6 +10,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from formats.options import parse_option_string
+from p2v.commands.fleet import fleet_arguments, rate_argument, run_fleet
 from p2v.output import human_size, print_json
 
 if TYPE_CHECKING:
@@ -54,18 +55,9 @@ def _ssh_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-bandwidth",
         metavar="RATE",
-        type=_rate,
+        type=rate_argument,
         help="take at most RATE bytes/s off the link (40M, 1.5G, 512Ki; default: no cap)",
     )
-
-
-def _rate(text: str) -> float:
-    from p2v.bandwidth import parse_rate
-
-    try:
-        return parse_rate(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -135,10 +127,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-j", "--concurrency", type=int, help="servers at a time (overrides the file)")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
-        "--broker", metavar="URL", help="submit to `p2v worker`s on redis://HOST:PORT/N and follow"
-    )
-    p.add_argument("--wave", type=int, default=1, help="with --broker: start at wave N")
+    fleet_arguments(p)
     p.set_defaults(func=cmd_run)
 
 
@@ -274,9 +263,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from p2v import job
 
-    if args.broker:
-        from p2v.commands.fleet import run_fleet
-
+    if args.broker or args.estimate:
         return run_fleet(args)
     res = job.run_job(
         args.job,

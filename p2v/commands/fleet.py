@@ -54,6 +54,44 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_status)
 
 
+def fleet_arguments(p: argparse.ArgumentParser) -> None:
+    """`p2v run`'s fleet options (the command itself lives in commands/clone.py)."""
+    p.add_argument(
+        "--broker", metavar="URL", help="submit to `p2v worker`s on redis://HOST:PORT/N and follow"
+    )
+    p.add_argument("--wave", type=int, default=1, help="with --broker: start at wave N")
+    p.add_argument(
+        "--estimate",
+        action="store_true",
+        help="predict each wave's duration instead of running (servers' used_bytes, or sizes"
+        " from a quick inventory)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="with --estimate: worker hosts")
+    p.add_argument("--slots", type=int, default=2, help="with --estimate: servers per worker")
+    p.add_argument(
+        "--worker-nic",
+        type=rate_argument,
+        default=1.25e9,
+        help="with --estimate: a worker's NIC (10G)",
+    )
+    p.add_argument(
+        "--storage", type=rate_argument, default=4e9, help="with --estimate: output writes (4G)"
+    )
+    p.add_argument(
+        "--link", type=rate_argument, default=125e6, help="with --estimate: a source's link (125M)"
+    )
+
+
+def rate_argument(text: str) -> float:
+    """argparse's type for a rate (40M, 1.5G, 512Ki)."""
+    from p2v.bandwidth import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from p2v.fleet.worker import run_worker
 
@@ -122,6 +160,8 @@ def run_fleet(args: argparse.Namespace) -> int:
     from p2v.job import load_plan
 
     plan = load_plan(args.job)  # a malformed plan stops here: nothing is submitted
+    if args.estimate:
+        return _estimate(args, plan)
     seen: dict[str, str] = {}
 
     def on_update(status) -> None:
@@ -140,3 +180,31 @@ def run_fleet(args: argparse.Namespace) -> int:
     else:
         print_status(status)
     return 1 if any(s.state == "failed" for s in status.servers) else 0
+
+
+def _estimate(args: argparse.Namespace, plan) -> int:
+    from p2v.fleet.estimate import Capacity, estimate_run
+
+    cap = Capacity(
+        workers=args.workers, slots=args.slots, worker_nic=args.worker_nic, storage=args.storage
+    )
+    est = estimate_run(plan, cap, default_link=args.link)
+    if args.output == "json":
+        print_json(est)
+        return 0
+    for w in est.waves:
+        bound = ", ".join(f"{k} {v / w.seconds:.0%}" for k, v in w.bound_by.items() if w.seconds)
+        print(
+            f"{w.name}: {w.servers} servers, {human_size(w.bytes)} in {_hours(w.seconds)}"
+            f" (bound by {bound or 'nothing'})"
+        )
+    print(f"total: {_hours(est.seconds)} on {est.workers} workers")
+    return 0
+
+
+def _hours(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

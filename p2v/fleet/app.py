@@ -8,10 +8,41 @@ from typing import Any
 
 try:
     from celery import Celery
+    from kombu.transport import redis as kombu_redis
 except ImportError as exc:  # an optional part: `p2v run` without --broker needs none of it
     raise ImportError("p2v's fleet needs Celery with Redis: pip install 'p2v[fleet]'") from exc
 
 app = Celery("p2v", include=["p2v.fleet.tasks"])
+
+
+class _Channel(kombu_redis.Channel):
+    """Kombu's Redis channel, made to outlive a broker restart.
+
+    A channel whose connection dropped (Redis restarted) is closed; kombu then tries to
+    put its unacknowledged tasks back, or to acknowledge a task that finished after the
+    drop, through that closed channel, fails with an AttributeError, and Celery takes it
+    for an unrecoverable error: the worker exits. Here both are left undone: the tasks stay
+    in Redis's unacked set and the visibility-timeout sweep requeues them, and a requeued
+    task whose step is done does not run it again (tasks.py)."""
+
+    do_restore = False
+
+    def basic_ack(self, delivery_tag, multiple=False):
+        if self.closed:
+            return
+        super().basic_ack(delivery_tag, multiple=multiple)
+
+    def basic_reject(self, delivery_tag, requeue=False):
+        if self.closed:
+            return
+        super().basic_reject(delivery_tag, requeue=requeue)
+
+
+class Transport(kombu_redis.Transport):
+    """Kombu's Redis transport with the channel above."""
+
+    Channel = _Channel
+
 
 #: seconds an unacknowledged task stays with the worker that took it before Redis hands it
 #: to another: a dead worker's clone is requeued after this. Celery's own default (1 h)
@@ -35,6 +66,7 @@ def configure(broker: str, *, visibility_timeout: float | None = None) -> Celery
     }
     app.conf.update(
         broker_url=broker,
+        broker_transport=f"{__name__}:Transport",
         result_backend=broker,
         broker_transport_options=transport,
         result_backend_transport_options=transport,
@@ -58,6 +90,9 @@ def configure(broker: str, *, visibility_timeout: float | None = None) -> Celery
         result_backend_always_retry=True,
         result_backend_max_retries=60,
         result_expires=7 * 86400,
+        # a copy under way goes on across a broker restart (it is leased and journaled):
+        # cancelling it would throw its progress away
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         worker_send_task_events=True,  # Flower sees the tasks
         task_send_sent_event=True,

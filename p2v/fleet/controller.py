@@ -43,6 +43,7 @@ def submit_wave(plan: Plan, pid: str, index: int, store: Store) -> int:
     for job in plan.waves[index].servers:
         steps = steps_of(job)
         store.server_init(pid, job.name, index, steps)
+        store.retry_failed(pid, job.name)
         if all(store.step_state(pid, job.name, s) == DONE for s in steps):
             continue
         spec = encode_server(job)

@@ -18,8 +18,15 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# Compare-and-act in one round trip: only the holder may renew or release.
-_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+# Compare-and-act in one round trip: only the holder may renew or release. A lease that
+# lapsed while nobody else took it (Redis restarted, or was away longer than the ttl) is
+# taken back: nobody else can have written, since writing needs the lease.
+_RENEW = """
+local holder = redis.call('get', KEYS[1])
+if holder == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if not holder then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end
+return 0
+"""
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
 
@@ -60,10 +67,12 @@ class Lease:
         return value.decode() if isinstance(value, bytes) else value
 
     def renew(self) -> bool:
-        ok = bool(self.redis.eval(_RENEW, 1, self.key, self.owner, int(self.ttl * 1000)))
-        if not ok:
+        answer = self.redis.eval(_RENEW, 1, self.key, self.owner, int(self.ttl * 1000))
+        if answer == 2:
+            self._log("reacquire")
+        if not answer:
             self.lost = True
-        return ok
+        return bool(answer)
 
     def _renew_loop(self) -> None:
         # renew three times per ttl: one missed renewal (a slow Redis, a restart) is not
@@ -112,7 +121,7 @@ def foreign_writes(redis: Any, key: str) -> list[dict[str, Any]]:
     current = None
     foreign = []
     for entry in history(redis, key):
-        if entry["event"] == "acquire":
+        if entry["event"] in ("acquire", "reacquire"):
             current = entry["owner"]
         elif entry["event"] == "write" and entry["owner"] != current:
             foreign.append(entry)

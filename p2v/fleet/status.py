@@ -97,6 +97,14 @@ class Store:
             fields["error"] = error
         self.update(pid, server, **fields)
 
+    def retry_failed(self, pid: str, server: str) -> None:
+        """Failed steps back to pending: a plan run again tries them again."""
+        key = _key(pid, server)
+        steps = json.loads(_text(self.redis.hget(key, "steps") or "{}"))
+        if FAILED in steps.values():
+            steps = {k: PENDING if v == FAILED else v for k, v in steps.items()}
+            self.redis.hset(key, mapping={"steps": json.dumps(steps), "error": ""})
+
     def step_state(self, pid: str, server: str, step: str) -> str:
         steps = json.loads(_text(self.redis.hget(_key(pid, server), "steps") or "{}"))
         return steps.get(step, PENDING)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shlex
@@ -18,7 +19,7 @@ import subprocess
 import time
 from typing import Any
 
-from p2v.clone import CloneOptions, SyncOptions, clone, sync
+from p2v.clone import STATE_FILE, CloneOptions, SyncOptions, clone, sync
 from p2v.job import ServerJob
 from p2v.ssh import ConnectError, ConnectOptions, connect
 
@@ -87,7 +88,15 @@ def _check_password(job: ServerJob) -> None:
         )
 
 
-@app.task(bind=True, name="p2v.clone", acks_late=True, reject_on_worker_lost=True)
+# max_retries=None: a task that meets another's lease waits for as long as that one runs
+@app.task(
+    bind=True,
+    name="p2v.clone",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,
+    throws=(StepFailed,),  # an expected failure: logged in one line, not as a traceback
+)
 def clone_server(
     self, pid: str, server: dict[str, Any], shared: bool = True, not_after: float | None = None
 ) -> dict[str, Any]:
@@ -95,7 +104,14 @@ def clone_server(
     return _run_step(self, pid, server, "clone", shared, not_after)
 
 
-@app.task(bind=True, name="p2v.cutover", acks_late=True, reject_on_worker_lost=True)
+@app.task(
+    bind=True,
+    name="p2v.cutover",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,
+    throws=(StepFailed,),  # an expected failure: logged in one line, not as a traceback
+)
 def cutover_step(
     self, pid: str, server: dict[str, Any], step: str, shared: bool = True
 ) -> dict[str, Any]:
@@ -112,7 +128,7 @@ def _run_step(
     job = decode_server(server)
     store = _store()
     answer = {"server": job.name, "step": step, "state": DONE}
-    if store.step_state(pid, job.name, step) == DONE:
+    if _settled(store, pid, job.name, step):
         return {**answer, "again": True}
     try:
         if not_after is not None and time.time() > not_after:
@@ -133,7 +149,7 @@ def _run_step(
         log.info("%s: output leased by %s; retrying later", job.name, lease.holder())
         raise task.retry(countdown=max(1.0, lease.ttl / 2), max_retries=None)
     try:
-        if store.step_state(pid, job.name, step) == DONE:  # done while we waited
+        if _settled(store, pid, job.name, step):  # settled while we waited
             return {**answer, "again": True}
         store.update(pid, job.name, worker=_worker_name(), output=outdir)
         store.step(pid, job.name, step, RUNNING)
@@ -149,6 +165,15 @@ def _run_step(
     finally:
         lease.release()
     return {**answer, "output": outdir}
+
+
+def _settled(store: Store, pid: str, name: str, step: str) -> bool:
+    """True when the step is done; a StepFailed when it failed (a second delivery of a
+    failed step stops its chain too, without running it again)."""
+    state = store.step_state(pid, name, step)
+    if state == FAILED:
+        raise StepFailed(f"{name}: {step} failed: {store.server(pid, name).get('error', '')}")
+    return state == DONE
 
 
 def _clone(store: Store, pid: str, job: ServerJob, outdir: str, lease: Lease) -> dict:
@@ -227,21 +252,20 @@ def _shutdown(store: Store, pid: str, job: ServerJob, outdir: str, lease: Lease)
 
 
 def _convert(store: Store, pid: str, job: ServerJob, outdir: str, lease: Lease) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("drivers.guest") is None:
-        raise StepFailed("guest conversion unavailable (drivers.guest is not in this p2v)")
-    from drivers import guest  # landing in parallel (issue 18): its public entry point
-
-    convert = getattr(guest, "convert_guest", None)
-    if convert is None:
-        raise StepFailed("guest conversion unavailable (drivers.guest has no convert_guest)")
-    images = [
-        os.path.join(outdir, e)
-        for e in sorted(os.listdir(outdir))
-        if e.endswith((".qcow2", ".raw", ".vmdk", ".vhd", ".vhdx", ".vdi"))
-    ]
-    convert(images, job.clone.target)
+    """The guest converted for its target through drivers.guest (libguestfs), the images
+    in the clone's disk order."""
+    try:
+        from drivers.guest import convert_images
+    except ImportError as exc:
+        raise StepFailed(f"guest conversion unavailable ({exc})") from exc
+    try:
+        with open(os.path.join(outdir, STATE_FILE)) as f:
+            disks = json.load(f)["disks"]
+        images = [os.path.join(outdir, d["image"]) for d in disks]
+        fmts = [d["format"] for d in disks]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StepFailed(f"{outdir}: no finished clone to convert ({exc})") from exc
+    convert_images(images, job.clone.target, fmts=fmts, report_dir=outdir)
 
 
 def _start(store: Store, pid: str, job: ServerJob, outdir: str, lease: Lease) -> None:

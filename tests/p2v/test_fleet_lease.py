@@ -129,3 +129,21 @@ def test_a_clone_delivered_to_two_workers_at_once_has_one_writer(
     # the race happened: the second delivery met the first's lease
     assert "output leased by" in workers.logs()
     assert server_record(r, pid, "twice")["resumed_from"] == "0"
+
+
+def test_a_lapsed_lease_nobody_took_is_taken_back(redis_server):
+    """Redis restarted (or away longer than the ttl) and nobody else took the lease: the
+    holder's next renewal takes it back and the copy goes on."""
+    r = redis_server.client()
+    lease = Lease(r, "p2v:lease:back", ttl=30, owner="holder")
+    assert lease.acquire()
+    r.delete("p2v:lease:back")
+    assert lease.renew() is True
+    lease.check()
+    assert lease.holder() == "holder"
+    assert [e["event"] for e in history(r, "p2v:lease:back")][:3] == [
+        "acquire",
+        "reacquire",
+        "write",
+    ]
+    lease.release()
