@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from ..kvm import _dev_name
 from .appliance import Appliance
 
 #: a whole-disk or partition name of a bus that changes: sd, hd, vd, xvd, nvme
@@ -39,14 +40,9 @@ def disk_position(name: str) -> tuple[int, int | None] | None:
 
 
 def appliance_name(index: int, part: int | None) -> str:
-    letters = ""
-    n = index
-    while True:
-        letters = chr(ord("a") + n % 26) + letters
-        n = n // 26 - 1
-        if n < 0:
-            break
-    return f"/dev/sd{letters}{part if part is not None else ''}"
+    """The appliance's name for partition `part` of the guest's disk `index` (virtio-scsi:
+    sda, sdb, ... with libvirt's and Linux's letters)."""
+    return "/dev/" + _dev_name("sd", index) + (str(part) if part is not None else "")
 
 
 class DeviceMap:
@@ -101,34 +97,31 @@ def remap_table(text: str, field_index: int, remap: Remap) -> tuple[str, list[st
     return "".join(out), changes
 
 
-_KERNEL_ARG = re.compile(r"(?<![\w.-])(root|resume)=(/dev/[^\s\"';]+)")
+_KERNEL_ARG = re.compile(r"(?<![\w.-])(?P<head>(?:root|resume)=)(?P<dev>/dev/[^\s\"';]+)")
+
+
+def _substitute(pattern: re.Pattern[str], text: str, remap: Remap) -> tuple[str, list[str]]:
+    """Replace group 'dev' of every match of `pattern` by its remapping (when known),
+    keeping group 'head' before it."""
+    changes: list[str] = []
+
+    def sub(m: re.Match[str]) -> str:
+        new = remap(m.group("dev"))
+        if new is None:
+            return m.group(0)
+        changes.append(f"{m.group('dev')} -> {new} ({m.group('head').strip()})")
+        return f"{m.group('head')}{new}"
+
+    return pattern.sub(sub, text), changes
 
 
 def remap_kernel_args(text: str, remap: Remap) -> tuple[str, list[str]]:
     """root=/dev/... and resume=/dev/... anywhere in `text` (a GRUB default, a
     menu.lst) remapped; the rest is left byte for byte."""
-    changes: list[str] = []
-
-    def sub(m: re.Match[str]) -> str:
-        new = remap(m.group(2))
-        if new is None:
-            return m.group(0)
-        changes.append(f"{m.group(1)}={m.group(2)} -> {m.group(1)}={new}")
-        return f"{m.group(1)}={new}"
-
-    return _KERNEL_ARG.sub(sub, text), changes
+    return _substitute(_KERNEL_ARG, text, remap)
 
 
 def remap_assignment(text: str, key: str, remap: Remap) -> tuple[str, list[str]]:
-    """KEY=/dev/... lines (initramfs-tools' RESUME=) remapped."""
-    changes: list[str] = []
-    pattern = re.compile(rf"^(\s*{re.escape(key)}=)([\"']?)(/dev/[^\s\"']+)\2[ \t]*$", re.M)
-
-    def sub(m: re.Match[str]) -> str:
-        new = remap(m.group(3))
-        if new is None:
-            return m.group(0)
-        changes.append(f"{key}={m.group(3)} -> {key}={new}")
-        return f"{m.group(1)}{new}"
-
-    return pattern.sub(sub, text), changes
+    """KEY=/dev/... lines (initramfs-tools' RESUME=) remapped; quotes are dropped."""
+    pattern = rf"^(?P<head>[ \t]*{re.escape(key)}=)([\"']?)(?P<dev>/dev/[^\s\"']+)\2[ \t]*$"
+    return _substitute(re.compile(pattern, re.M), text, remap)

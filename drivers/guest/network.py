@@ -200,40 +200,33 @@ def rewrite_networkd(text: str, r: Rename, *, link: bool = False) -> tuple[str, 
     return "".join(out), changes
 
 
-def rewrite_keyfile(text: str, r: Rename) -> tuple[str, list[str]]:
-    """NetworkManager: interface-name= renamed, a mac-address= not kept dropped."""
+def _rewrite_keys(text: str, r: Rename, name_key: str, mac_key: str) -> tuple[str, list[str]]:
+    """KEY=VALUE lines: `name_key` renamed, a `mac_key` naming a MAC not kept dropped."""
     out, changes = [], []
     for line in text.splitlines(keepends=True):
         key, eq, value = line.strip().partition("=")
-        if eq and key == "interface-name":
-            new = r.rename(value.strip())
-            if new != value.strip():
-                changes.append(f"interface-name={value.strip()} -> {new}")
-                line = f"interface-name={new}\n"
-        elif eq and key == "mac-address" and r.stale(value.strip().lower()):
-            changes.append(f"mac-address={value.strip()} (not kept) removed")
+        value = value.strip().strip("\"'")
+        if eq and key == name_key:
+            new = r.rename(value)
+            if new != value:
+                changes.append(f"{key}={value} -> {new}")
+                line = f"{key}={new}\n"
+        elif eq and key == mac_key and r.stale(value.lower()):
+            changes.append(f"{key}={value} (not kept) removed")
             continue
         out.append(line)
     return "".join(out), changes
+
+
+def rewrite_keyfile(text: str, r: Rename) -> tuple[str, list[str]]:
+    """NetworkManager: interface-name= renamed, a mac-address= not kept dropped."""
+    return _rewrite_keys(text, r, "interface-name", "mac-address")
 
 
 # -- ifcfg -----------------------------------------------------------------------------
 def rewrite_ifcfg(text: str, r: Rename) -> tuple[str, list[str]]:
     """DEVICE= renamed, an HWADDR= not kept dropped (MACADDR=, which sets it, is kept)."""
-    out, changes = [], []
-    for line in text.splitlines(keepends=True):
-        key, eq, value = line.strip().partition("=")
-        value = value.strip().strip("\"'")
-        if eq and key == "DEVICE":
-            new = r.rename(value)
-            if new != value:
-                changes.append(f"DEVICE={value} -> {new}")
-                line = f"DEVICE={new}\n"
-        elif eq and key == "HWADDR" and r.stale(value.lower()):
-            changes.append(f"HWADDR={value} (not kept) removed")
-            continue
-        out.append(line)
-    return "".join(out), changes
+    return _rewrite_keys(text, r, "DEVICE", "HWADDR")
 
 
 # -- udev persistent names --------------------------------------------------------------
