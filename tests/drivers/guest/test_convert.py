@@ -200,3 +200,37 @@ def test_bad_guest_ends_in_one_line_and_leaves_the_image_unchanged(case, server_
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".p2v-guest-")]
     with open(marker) as f:
         assert f.read() == "host file\n"
+
+
+def test_uefi_fallback_loader_is_shim_copied_beside_its_grub(tmp_path):
+    """NVRAM entries do not travel: the ESP gets \\EFI\\BOOT\\BOOTX64.EFI (shim, with the
+    GRUB and fallback it loads from its own directory) when the guest has no EFI GRUB
+    modules for grub-install --removable."""
+    from drivers.guest import bootloader
+    from drivers.guest.report import Report
+
+    disk = str(tmp_path / "uefi.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", disk, "128M")
+    with appliance.Appliance([(disk, "qcow2")], readonly=False) as app:
+        g = app.g
+        g.part_init("/dev/sda", "gpt")
+        g.part_add("/dev/sda", "p", 2048, 100000)
+        g.part_add("/dev/sda", "p", 100001, -34)
+        g.mkfs("vfat", "/dev/sda1")
+        g.mkfs("ext4", "/dev/sda2")
+        g.mount("/dev/sda2", "/")
+        g.mkdir_p("/boot/efi")
+        g.mount("/dev/sda1", "/boot/efi")
+        g.mkdir_p("/boot/efi/EFI/debian")
+        for name in ("shimx64.efi", "grubx64.efi", "fbx64.efi", "mmx64.efi"):
+            g.write(f"/boot/efi/EFI/debian/{name}", name.encode())
+        report = Report("kvm")
+        bootloader.ensure_fallback_loader(app, report)
+        assert g.read_file("/boot/efi/EFI/BOOT/BOOTX64.EFI") == b"shimx64.efi"
+        assert g.read_file("/boot/efi/EFI/BOOT/grubx64.efi") == b"grubx64.efi"
+        assert g.read_file("/boot/efi/EFI/BOOT/fbx64.efi") == b"fbx64.efi"
+        assert report.changes[0].target == "/boot/efi/EFI/BOOT/BOOTX64.EFI"
+        # present already: nothing to do
+        again = Report("kvm")
+        bootloader.ensure_fallback_loader(app, again)
+        assert again.changes == [] and again.warnings == []
