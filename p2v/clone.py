@@ -447,9 +447,6 @@ def _runs(digests: list[tuple[int, int, bytes]]) -> Iterator[list[tuple[int, int
         yield run
 
 
-_ZERO_DIGESTS: dict[int, bytes] = {}
-
-
 def is_zero(data: memoryview) -> bool:
     n = len(data)
     arr = np.frombuffer(data, dtype=np.uint64 if n % 8 == 0 else np.uint8)
@@ -463,13 +460,7 @@ def local_digest(data: memoryview) -> bytes:
     return protocol.digest_of(data)
 
 
-def _zero_digest(n: int) -> bytes:
-    d = _ZERO_DIGESTS.get(n)
-    if d is None:
-        d = protocol.digest_of(bytes(n))
-        if len(_ZERO_DIGESTS) < 64:
-            _ZERO_DIGESTS[n] = d
-    return d
+_zero_digest = protocol.zero_digest
 
 
 def verify_image(

@@ -468,16 +468,13 @@ def start_agent(stream: Stream, *, name: str = "agent") -> AgentConnection:
     return conn
 
 
-class PipeStream:
-    """A local agent in a child process: for tests, and for imaging this very machine."""
+class ProcessStream:
+    """A local child process as a stream (`argv`): for tests, and for imaging this very
+    machine (PipeStream below runs the agent; the shell mode runs a plain `sh`)."""
 
-    def __init__(self, python: str = "python3", *, sudo: bool = False) -> None:
-        cmd = agent_command(len(agent_source()), python=python, sudo=sudo)
+    def __init__(self, argv: list[str]) -> None:
         self.proc = subprocess.Popen(
-            ["/bin/sh", "-c", cmd],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         self._stderr = b""
         self._err_thread = threading.Thread(target=self._drain_stderr, daemon=True)
@@ -520,6 +517,27 @@ class PipeStream:
         return "; ".join(parts)
 
 
+class PipeStream(ProcessStream):
+    """A local agent in a child process: for tests, and for imaging this very machine."""
+
+    def __init__(self, python: str = "python3", *, sudo: bool = False) -> None:
+        cmd = agent_command(len(agent_source()), python=python, sudo=sudo)
+        super().__init__(["/bin/sh", "-c", cmd])
+
+
 def digest_of(data: bytes | memoryview) -> bytes:
     """The agent's digest of a range, computed locally (for verify and sync)."""
     return hashlib.new(DIGEST, data).digest()
+
+
+_ZERO_DIGESTS: dict[int, bytes] = {}
+
+
+def zero_digest(n: int) -> bytes:
+    """The digest of n zero bytes, kept for the few lengths blocks have."""
+    d = _ZERO_DIGESTS.get(n)
+    if d is None:
+        d = digest_of(_zeros(n))
+        if len(_ZERO_DIGESTS) < 64:
+            _ZERO_DIGESTS[n] = d
+    return d

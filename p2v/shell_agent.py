@@ -47,9 +47,13 @@ from .protocol import (
     AgentError,
     AgentLost,
     AgentRequestError,
+    ProcessStream,
     ReadResult,
     Stream,
+    zero_digest,
 )
+
+__all__ = ["ProcessStream", "ShellAgentError", "ShellConnection", "start_shell_agent"]
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +314,7 @@ class _Shell:
     def _read_answer(self, request: _Request, tag: bytes) -> None:
         length = request.meta["length"]
         if tag == b"Z":
-            zero = ReadResult(length, _zero_digest(length), DATA_ZERO, b"")
+            zero = ReadResult(length, zero_digest(length), DATA_ZERO, b"")
             _settle(request.caller, zero)
             return
         data = self.reader.read_exact(length)
@@ -389,18 +393,6 @@ def _settle(fut: cf.Future, value: Any = None, *, exc: BaseException | None = No
             fut.set_exception(exc)
         else:
             fut.set_result(value)
-
-
-_ZERO_DIGESTS: dict[int, bytes] = {}
-
-
-def _zero_digest(n: int) -> bytes:
-    d = _ZERO_DIGESTS.get(n)
-    if d is None:
-        d = protocol.digest_of(bytes(n))
-        if len(_ZERO_DIGESTS) < 16:
-            _ZERO_DIGESTS[n] = d
-    return d
 
 
 class DumpedHost(agent_code.Host):
@@ -719,7 +711,7 @@ class ShellConnection:
             _settle(meta["outer"], state["digests"])
 
     def _zero(self, n: int) -> bytes:
-        return _zero_digest(n) if self._hash is hashlib.sha256 else self._hash(bytes(n)).digest()
+        return zero_digest(n) if self._hash is hashlib.sha256 else self._hash(bytes(n)).digest()
 
     def digest_of(self, data: bytes | memoryview) -> bytes:
         """The digest HASH answers in, computed here (sync compares with it)."""
@@ -790,48 +782,3 @@ def start_shell_agent(
                 s.close()
         raise
     return conn
-
-
-class ProcessStream:
-    """A local shell in a child process (`argv`, e.g. busybox sh): for tests, and for
-    imaging this very machine without Python's help."""
-
-    def __init__(self, argv: list[str]) -> None:
-        import subprocess
-
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        self._stderr = b""
-        self._err_thread = threading.Thread(target=self._drain_stderr, daemon=True)
-        self._err_thread.start()
-
-    def _drain_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._stderr = (self._stderr + line)[-4096:]
-
-    def sendall(self, data: bytes) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
-
-    def recv(self, n: int) -> bytes:
-        assert self.proc.stdout is not None
-        return self.proc.stdout.read1(n)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            if self.proc.stdin:
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except Exception:
-            self.proc.kill()
-            self.proc.wait()
-
-    def diagnostics(self) -> str:
-        status = self.proc.poll()
-        lines = self._stderr.decode("utf-8", "replace").strip().splitlines()
-        parts = [f"shell exited with status {status}"] if status is not None else []
-        return "; ".join(parts + lines[-1:])

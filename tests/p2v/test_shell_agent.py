@@ -6,7 +6,6 @@ sends only the changed blocks; plus the no-Python inventory and one-line errors.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from p2v.shell_agent import UNIT, dd_geometry
 from tests.external import need_tool, qemu_img, run
 from tests.p2v.busybox_server import MACS, busybox_server
 from tests.p2v.conftest import connect_options
+from tests.p2v.test_clone import _cutting_progress
 
 MiB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -204,19 +204,6 @@ def test_clone_of_a_loop_device_without_python(server, loop_disk, tmp_path):
     assert _identical(path, d.image, "raw")
 
 
-def _cutting_progress(sshd, fraction: float, cuts: list[int]):
-    @contextlib.contextmanager
-    def factory(label: str, total: int):
-        def update(done: int, total_: int) -> None:
-            if not cuts and done >= total_ * fraction:
-                cuts.append(done)
-                assert sshd.cut_connections() >= 1
-
-        yield update
-
-    return factory
-
-
 def test_clone_without_python_resumes_after_connection_loss(server, disk, tmp_path, monkeypatch):
     host, remote = disk
     monkeypatch.setattr(cloning, "COMMIT_SECONDS", 0.0)  # journal every write
@@ -289,14 +276,10 @@ def test_sync_without_python_sends_only_changed_blocks(server, disk, tmp_path):
     assert " 0 of " in res.stdout  # nothing changed since
 
 
-@pytest.mark.parametrize(
-    "missing, words",
-    [(("dd",), "no dd"), (("sha256sum", "md5sum"), "neither sha256sum nor md5sum")],
-)
-def test_a_server_without_a_needed_tool_is_refused_in_one_line(missing, words, tmp_path):
-    """busybox's sh runs its own applets whatever PATH says, so the server here is dash
-    with a PATH holding every tool but the missing ones."""
-    from p2v.shell_agent import HASH_TOOLS, TOOLS, ProcessStream, ShellAgentError, start_shell_agent
+def _trimmed_shell(tmp_path, missing: tuple[str, ...]) -> list[str]:
+    """dash with a PATH holding every tool the shell mode may use but `missing` (busybox's
+    sh runs its own applets whatever PATH says, so it cannot play such a server)."""
+    from p2v.shell_agent import HASH_TOOLS, TOOLS
 
     need_tool("dash")
     bin_dir = tmp_path / "bin"
@@ -305,10 +288,45 @@ def test_a_server_without_a_needed_tool_is_refused_in_one_line(missing, words, t
         found = shutil.which(tool)
         if found and tool not in missing:
             os.symlink(found, bin_dir / tool)
-    shell = ["env", "-i", f"PATH={bin_dir}", shutil.which("dash")]
+    return ["env", "-i", f"PATH={bin_dir}", shutil.which("dash")]
+
+
+@pytest.mark.parametrize(
+    "missing, words",
+    [(("dd",), "no dd"), (("sha256sum", "md5sum"), "neither sha256sum nor md5sum")],
+)
+def test_a_server_without_a_needed_tool_is_refused_in_one_line(missing, words, tmp_path):
+    from p2v.shell_agent import ProcessStream, ShellAgentError, start_shell_agent
+
+    shell = _trimmed_shell(tmp_path, missing)
     with pytest.raises(ShellAgentError, match=words) as info:
         start_shell_agent(lambda: ProcessStream(shell), name="root@old-appliance")
     assert "no Python >= 2.6" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_server_with_only_md5sum_is_verified_with_it(tmp_path):
+    """Reads are checked against the server's md5 and recorded with the sha256 the
+    journal and verify use; HASH answers md5, which sync compares with digest_of."""
+    import hashlib
+
+    from p2v import protocol
+    from p2v.shell_agent import ProcessStream, start_shell_agent
+
+    shell = _trimmed_shell(tmp_path, ("sha256sum",))
+    path = tmp_path / "dev.raw"
+    data = os.urandom(UNIT) + bytes(UNIT)
+    path.write_bytes(data)
+    conn = start_shell_agent(lambda: ProcessStream(shell), name="local")
+    try:
+        assert conn.hash_tool == "md5sum"
+        h = conn.call(protocol.OP_OPEN, {"path": str(path)})["handle"]
+        res = conn.read(h, 0, UNIT, compress=False).result(timeout=60)
+        assert res.digest == hashlib.sha256(data[:UNIT]).digest()
+        digests = conn.hash(h, 0, len(data), UNIT).result(timeout=60)
+        assert digests == [hashlib.md5(data[:UNIT]).digest(), hashlib.md5(bytes(UNIT)).digest()]
+        assert conn.digest_of(data[:UNIT]) == digests[0]
+    finally:
+        conn.close()
 
 
 def _one_line_error(res: subprocess.CompletedProcess, *words: str) -> None:
@@ -334,3 +352,37 @@ def test_missing_tools_no_root_no_sudo_and_bad_disks_are_one_line_errors(server,
     finally:
         server.login_as(None)
         os.chmod(disk[0], 0o644)
+
+
+def test_a_block_that_changes_between_its_two_reads_is_read_again(tmp_path):
+    """The server hashes a second read of each block: when the two disagree (a hot
+    server writing it), the controller's check fails and the block is read again."""
+    import hashlib
+
+    from p2v import protocol
+    from p2v.shell_agent import READ_TRIES, ProcessStream, start_shell_agent
+
+    path = tmp_path / "dev.raw"
+    data = os.urandom(UNIT)
+    path.write_bytes(data)
+    conn = start_shell_agent(lambda: ProcessStream(["sh"]), name="local")
+    try:
+        h = conn.call(protocol.OP_OPEN, {"path": str(path)})["handle"]
+        real, calls = conn._hash, []
+
+        def changed_once(payload=b""):
+            calls.append(len(payload))
+            # the first check sees other bytes than the server hashed
+            return real(payload if len(calls) > 1 else payload + b"!")
+
+        conn._hash = changed_once
+        res = conn.read(h, 0, UNIT, compress=False).result(timeout=60)
+        assert conn.retried_reads == 1 and conn.unverified_reads == 0
+        assert res.digest == hashlib.sha256(data).digest()
+        # a block that never reads the same twice is taken after READ_TRIES, with a warning
+        conn._hash = lambda payload=b"": real(payload + b"!")
+        res = conn.read(h, 0, UNIT, compress=False).result(timeout=60)
+        assert conn.retried_reads == READ_TRIES and conn.unverified_reads == 1
+        assert res.digest == hashlib.sha256(data).digest()
+    finally:
+        conn.close()
