@@ -22,6 +22,7 @@ what the guest must be converted for, so the definition and the conversion agree
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -146,27 +147,35 @@ def convert_images(
         start = time.monotonic()
         app = Appliance([(o, "qcow2") for o in overlays], readonly=False)
         app.launch()
+        skipped: Conversion | None = None
         try:
             seconds["appliance"] = round(time.monotonic() - start, 2)
             start = time.monotonic()
+            found = None
             try:
                 found = inspect_guest(app, list(images))
             except GuestError as exc:
                 if strict or exc.step != "inspect" or NO_OS not in str(exc):
                     raise
-                return Conversion(list(images), target.name, None, False, warnings=[str(exc)])
+                skipped = Conversion(list(images), target.name, None, False, warnings=[str(exc)])
             seconds["inspect"] = round(time.monotonic() - start, 2)
-            if not found.convertible:
+            if found is not None and not found.convertible:
                 name = found.product_name or found.os_family
                 if strict:
                     raise GuestError("inspect", f"{name}: {found.note}")
-                return Conversion(
-                    list(images), target.name, found, False, warnings=[f"{name}: {found.note}"]
-                )
-            macs = [n.mac for n in target.complete(spec).nics]
-            convert_linux(app, found, target.name, hardware, macs, report, seconds)
-        finally:
-            app.close()
+                note = f"{name}: {found.note}"
+                skipped = Conversion(list(images), target.name, found, False, warnings=[note])
+            if skipped is None and found is not None:
+                macs = [n.mac for n in target.complete(spec).nics]
+                convert_linux(app, found, target.name, hardware, macs, report, seconds)
+        except BaseException:
+            # the appliance may be what failed: its shutdown must not hide the step's error
+            with contextlib.suppress(Exception):
+                app.close()
+            raise
+        app.close()  # flushes the guest's writes: a failure here commits nothing
+        if skipped is not None or found is None:
+            return skipped or Conversion(list(images), target.name, None, False)
         start = time.monotonic()
         for o, p, f in zip(overlays, images, found_fmts):
             overlay.commit(o, p, f)
