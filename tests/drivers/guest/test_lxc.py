@@ -274,3 +274,35 @@ def _check_running(lxcpath, rootfs, server, subnet, cgroup, tmp_path) -> None:
                "-o", "ConnectTimeout=60", f"root@{ip}", "hostname"], timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == hostname
+
+
+HOSTILE = {
+    "fstab-symlink": ([("symlink", "/etc/fstab", "/tmp/p2v-host-marker")], "fstab: /etc/fstab"),
+    "binary-interfaces": (
+        [("write", "/etc/network/interfaces.d/bin", b"auto ens3\n\0\x7fELF\0\0")],
+        "network: /etc/network/interfaces.d/bin in the guest is binary",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_guest_is_one_line_and_writes_nothing(case, tmp_path):
+    from tests.drivers.guest.test_convert import _plant, copy_of, digest, one_line_error
+    from tests.guests import fixtures
+
+    server = fixtures.server("a")
+    edits, expected = HOSTILE[case]
+    marker = "/tmp/p2v-host-marker"
+    with open(marker, "w") as f:
+        f.write("host file\n")
+    image = copy_of(server.image, str(tmp_path / "disk.qcow2"))
+    _plant(image, edits)
+    before = digest(image)
+    out = tmp_path / "out"
+    out.mkdir()
+    line = one_line_error(p2v("convert-guest", "--to", "lxc", "-o", str(out), image))
+    assert expected in line, line
+    assert digest(image) == before
+    assert os.listdir(out) == []  # no tarball, no .partial, no config, no overlay left
+    with open(marker) as f:
+        assert f.read() == "host file\n"
