@@ -95,7 +95,7 @@ def test_names_made_fit_and_bad_ones_refused():
             lxc.check_name(bad)
 
 
-@pytest.mark.parametrize("command", ["v2v", "convert-guest"])
+@pytest.mark.parametrize("command", ["v2v", "v2v-ova", "convert-guest"])
 def test_a_disk_without_an_os_is_one_line_and_leaves_nothing(tmp_path, command):
     need_tool("qemu-img")
     blank = tmp_path / "blank.raw"
@@ -104,6 +104,12 @@ def test_a_disk_without_an_os_is_one_line_and_leaves_nothing(tmp_path, command):
     out = tmp_path / "out"
     if command == "v2v":
         res = p2v("v2v", "--to", "lxc", str(blank), str(out))
+    elif command == "v2v-ova":
+        # through an appliance: its disk is verified and unpacked into OUTDIR's staging
+        # directory, which goes whatever happens
+        ova = tmp_path / "blank.ova"
+        assert p2v("ovf", "pack", "-o", str(ova), str(blank)).returncode == 0
+        res = p2v("v2v", "--to", "lxc", str(ova), str(out))
     else:
         out.mkdir()
         res = p2v("convert-guest", "--to", "lxc", "-o", str(out), str(blank))
