@@ -12,6 +12,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 _UNITS = {
     "": 1,
@@ -92,7 +93,7 @@ class ThrottledStream:
     """A protocol stream (sendall/recv/close/diagnostics) whose received bytes pass through
     a token bucket."""
 
-    def __init__(self, stream, bucket: TokenBucket) -> None:
+    def __init__(self, stream: Any, bucket: TokenBucket) -> None:
         self._stream = stream
         self._bucket = bucket
 

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from p2v.output import human_size, print_json
+
+if TYPE_CHECKING:  # Celery and the plan model load only when a fleet command runs
+    from p2v.fleet.status import PlanStatus
+    from p2v.job import Plan
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -137,7 +142,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_status(status) -> None:
+def print_status(status: PlanStatus) -> None:
     for w in status.waves:
         print(f"{w.name}: {w.done} done, {w.failed} failed, {w.running} running of {w.servers}")
         for s in (s for s in status.servers if s.wave == w.index):
@@ -162,7 +167,7 @@ def run_fleet(args: argparse.Namespace) -> int:
     plan = load_plan(args.job)  # a malformed plan stops here: nothing is submitted
     if args.estimate:
         return _estimate(args, plan)
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, str]] = {}
 
     def on_update(status) -> None:
         if args.output == "json":
@@ -182,7 +187,7 @@ def run_fleet(args: argparse.Namespace) -> int:
     return 1 if any(s.state == "failed" for s in status.servers) else 0
 
 
-def _estimate(args: argparse.Namespace, plan) -> int:
+def _estimate(args: argparse.Namespace, plan: Plan) -> int:
     from p2v.fleet.estimate import Capacity, estimate_run
 
     cap = Capacity(

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from p2v.job import Plan
+from p2v.job import Plan, ServerJob
 
 from .app import configure, redis_client
 from .status import DONE, PlanStatus, Store, plan_id, read_status
@@ -28,7 +28,7 @@ class PlanError(Exception):
     """A plan that cannot be submitted (its window closed, no such wave)."""
 
 
-def steps_of(job) -> list[str]:
+def steps_of(job: ServerJob) -> list[str]:
     return ["clone", *job.cutover]
 
 

@@ -19,7 +19,7 @@ import subprocess
 import time
 from typing import Any
 
-from p2v.clone import STATE_FILE, CloneOptions, SyncOptions, clone, sync
+from p2v.clone import STATE_FILE, CloneOptions, CloneResult, SyncOptions, clone, sync
 from p2v.job import ServerJob
 from p2v.ssh import ConnectError, ConnectOptions, connect
 
@@ -186,7 +186,9 @@ def _clone(store: Store, pid: str, job: ServerJob, outdir: str, lease: Lease) ->
     return fields
 
 
-def _clone_with_retries(store: Store, pid: str, job: ServerJob, outdir: str, lease: Lease):
+def _clone_with_retries(
+    store: Store, pid: str, job: ServerJob, outdir: str, lease: Lease
+) -> CloneResult:
     delays = list(SETTINGS["retry_delays"])
     attempt = 0
     while True:
@@ -265,6 +267,8 @@ def _convert(store: Store, pid: str, job: ServerJob, outdir: str, lease: Lease) 
         fmts = [d["format"] for d in disks]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StepFailed(f"{outdir}: no finished clone to convert ({exc})") from exc
+    if not job.clone.target:  # the plan checks it; a hand-made task might not
+        raise StepFailed("guest conversion needs the server's target platform")
     convert_images(images, job.clone.target, fmts=fmts, report_dir=outdir)
 
 
