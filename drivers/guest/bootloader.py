@@ -83,6 +83,7 @@ def convert(app: Appliance, remap: devices.Remap, report: Report) -> None:
             if new != old:
                 app.write_text(legacy, new, step=step)
                 report.file(legacy, changes)
+    remap_entries(app, remap, report)
     cfg = grub_cfg(app)
     if cfg is None:
         return
@@ -102,6 +103,22 @@ def convert(app: Appliance, remap: devices.Remap, report: Report) -> None:
             f"the regenerated {cfg} still boots by device name ({', '.join(stale)})",
         )
     report.file(cfg, ["regenerated; root= by UUID"])
+
+
+def remap_entries(app: Appliance, remap: devices.Remap, report: Report) -> None:
+    """Boot Loader Specification entries (RHEL's GRUB with BLS, systemd-boot): their
+    `options` lines carry root= and resume= themselves."""
+    for base in dict.fromkeys(("/boot", *_ESPS)):
+        directory = f"{base}/loader/entries"
+        for name in app.listdir(directory, limit=256):
+            path = f"{directory}/{name}"
+            if not name.endswith(".conf") or app.is_symlink(path):
+                continue
+            old = app.read_text(path, step="boot-entries")
+            new, changes = devices.remap_kernel_args(old, remap)
+            if new != old:
+                app.write_text(path, new, step="boot-entries")
+                report.file(path, changes)
 
 
 def ensure_fallback_loader(app: Appliance, report: Report) -> None:

@@ -51,9 +51,7 @@ def convert_linux(
     if found.bootloader in ("grub2-bios", "grub2-uefi", "grub-legacy"):
         timed("grub", lambda: bootloader.convert(app, remap, report))
     elif found.bootloader == "systemd-boot":
-        report.warn(
-            "systemd-boot entries name the root as the guest wrote them; check root= in /loader/entries"
-        )
+        timed("boot-entries", lambda: bootloader.remap_entries(app, remap, report))
     else:
         report.warn("no boot loader configuration found to remap")
     if found.firmware == "uefi":
