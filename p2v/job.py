@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -406,7 +407,12 @@ def _plan(doc: dict, path: str, base: str) -> Plan:
             raise _located(path, exc, *_near(raw, exc), raw, defaults) from exc
         index += len(wave.servers)
         waves.append(wave)
-    name = str(doc.get("name") or os.path.splitext(os.path.basename(path))[0])
+    # the name goes into Redis keys and the status page's URLs: plain characters only
+    name = doc.get("name")
+    if name is None:
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(path))[0])
+    elif not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+        raise JobError("name: letters, digits, '_', '.' and '-' only (at most 100)", "name")
     return Plan(
         path=os.path.abspath(path),
         name=name,

@@ -70,6 +70,8 @@ def _outdir(pid: str, job: ServerJob, shared: bool) -> str:
         raise StepFailed(
             "the plan's output is worker-local (shared: false): start the worker with --spool DIR"
         )
+    if job.name in (".", "..") or "/" in job.name or "\0" in job.name:
+        raise StepFailed(f"server name {job.name!r} cannot name a directory in the spool")
     return os.path.join(spool, pid, job.name)
 
 

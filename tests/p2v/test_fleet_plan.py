@@ -82,6 +82,7 @@ def test_todays_job_files_load_as_one_wave():
         ("waves: []\n", "non-empty"),
         ("servers: [{host: a}]\noutput: 3\n", "line 2 (key output)"),
         ("defaults:\n  port: 0\nservers: [{host: a}]\n", "line 2 (key port)"),
+        ("name: ../x\nservers: [{host: a}]\n", "line 1 (key name)"),
     ],
 )
 def test_bad_plans_name_the_line_and_key(tmp_path, text, words):
