@@ -242,7 +242,7 @@ class Appliance:
         return names
 
     # -- commands inside the guest's root -------------------------------------------------
-    def run(self, argv: Sequence[str], *, step: str) -> str:
+    def run(self, argv: Sequence[str], *, step: str, label: str | None = None) -> str:
         """Run a guest program in the guest's root (the appliance binds /dev, /proc, /sys
         there) and return its output; failure is a GuestError naming `step`."""
         # the output goes to stderr too on failure: libguestfs puts stderr in the error
@@ -255,4 +255,4 @@ class Appliance:
             return str(self.g.command(["/bin/sh", "-c", script, "sh", *argv]))
         except RuntimeError as exc:
             last = str(exc).strip().splitlines()[-3:]
-            raise GuestError(step, f"{' '.join(argv)} failed: {' | '.join(last)}") from exc
+            raise GuestError(step, f"{label or ' '.join(argv)} failed: {' | '.join(last)}") from exc
