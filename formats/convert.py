@@ -308,10 +308,11 @@ class _Engine:
             self._recycle(piece)
         self._advance(piece.length)
 
-    def _apply(self, piece: _Piece) -> list[PendingWrite]:
+    def _apply(self, piece: _Piece) -> list[PendingWrite | _Move]:
         """Hand the piece to the writer; returns the data writes it deferred. Once this
         returns, every view of the chunk buffer is in that list or gone, so recycling
         can tell when the buffer is free."""
+        writes: list[PendingWrite | _Move] = []
         with self.dst.deferred_writes() as pending:
             for off, n in piece.zero_runs:
                 self.dst.write_zeroes(off, n)
@@ -320,20 +321,21 @@ class _Engine:
                 self.dst.write_encoded(off, enc)
                 self.stats.bytes_written += n
             piece.runs.clear()
+        writes += pending
         self.stats.bytes_read += piece.read
         if piece.mapped:
             self.stats.bytes_mapped += piece.read
         for loc in piece.moves:
             assert self.placer is not None
-            placed, writes = self.placer.place(loc)
+            placed, placing = self.placer.place(loc)
             if placed:
-                pending += writes
+                writes += placing
                 self.moved += loc.length
             else:
-                self._write_read_back(loc, writes)
+                self._write_read_back(loc, placing)
             self.stats.bytes_written += loc.length
         piece.moves.clear()
-        return pending
+        return writes
 
     def _write_read_back(self, loc: Location, writes: list[PendingWrite | _Move]) -> None:
         """A run the output did not place: the writes it asked for, then the run written
@@ -530,15 +532,20 @@ class _DataWriter:
         self.written: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
 
     def write(self, pending: list[PendingWrite | _Move], mover: Mover) -> None:
-        for is_move, group in itertools.groupby(pending, key=lambda w: isinstance(w, _Move)):
-            if is_move:
-                for m in group:
-                    # no preallocation: shared blocks replace whatever lies there
-                    mover.move(m.src_fd, m.src_offset, m.fd, m.offset, m.length)
-                    if self.punch_back:
-                        self.written[m.fd].append((m.offset, m.offset + m.length))
-            else:
-                self._write(list(group))
+        run: list[PendingWrite] = []  # writes from memory, issued together
+        for w in pending:
+            if not isinstance(w, _Move):
+                run.append(w)
+                continue
+            if run:
+                self._write(run)
+                run = []
+            # no preallocation: shared blocks replace whatever lies there
+            mover.move(w.src_fd, w.src_offset, w.fd, w.offset, w.length)
+            if self.punch_back:
+                self.written[w.fd].append((w.offset, w.offset + w.length))
+        if run:
+            self._write(run)
 
     def _write(self, pending: list[PendingWrite]) -> None:
         # pieces that follow one another in a file (a VHD block's bitmap and its data) go
