@@ -144,8 +144,9 @@ class Receiver:
         self._threads: list[threading.Thread] = []
         self._peer_aborted = False  # the source told us why: no ABORT back
         self._refused = False
-        #: the source's HELLO was accepted: from here a failure is the migration's
-        self.welcomed = False
+        #: a HELLO of this protocol's version arrived: from here a refusal or a failure is
+        #: that migration's answer, not a stray connection's
+        self.source_seen = False
         self._memory_verified = False
 
     # -- the run ----------------------------------------------------------------------
@@ -172,6 +173,7 @@ class Receiver:
     def _handshake(self) -> None:
         ch0 = self.channels[0]
         _, body = ch0.expect(FrameType.HELLO)
+        self.source_seen = _hello_version(body) == wire.PROTOCOL_VERSION
         hello = wire.parse_hello(body, self.options.max_memory)
         if hello.channels > 1 and self.accept is None:
             self._refuse("this receiver takes one channel only")
@@ -205,7 +207,6 @@ class Receiver:
             )
         )
         ch0.send(FrameType.WELCOME, [welcome])
-        self.welcomed = True
         extra: dict[int, Channel] = {}
         while len(extra) < hello.channels - 1:
             assert self.accept is not None
@@ -498,6 +499,13 @@ class Receiver:
         return report
 
 
+def _hello_version(body: bytes | memoryview) -> int | None:
+    try:
+        return int(wire.parse_body(wire.Hello, body, "HELLO").version)
+    except ProtocolError:
+        return None
+
+
 def receive(
     first: Stream,
     target_factory: TargetFactory,
@@ -517,10 +525,12 @@ def serve(
 ) -> ReceiveReport:
     """Wait on `listener` for one migration, receive it, and return.
 
-    A connection refused before its handshake completes (not the protocol, another
-    version, a failed TLS handshake, a client certificate we do not trust) is logged in
-    one line and the wait goes on: the migration this receiver was started for may still
-    come. `once` returns the first connection's report whatever it was.
+    A connection refused before it says HELLO in this protocol's version (bytes that
+    are not the protocol, another version, a failed TLS handshake, a client certificate
+    we do not trust) is logged in one line and the wait goes on: the migration this
+    receiver was started for may still come. A source's HELLO refused (a guest too large,
+    another device-state format) ends the wait with that report, as any later failure
+    does. `once` returns the first connection's report whatever it was.
 
     The source connects all its channels before it says HELLO; over TLS each connection
     waits for its handshake, so the extra channels are accepted (and their handshakes
@@ -533,11 +543,11 @@ def serve(
         first = backlog.popleft() if backlog else _accept_first(listener)
         receiver = Receiver(first, None, target_factory, options)
         report, leftovers = _receive_with_acceptor(listener, receiver, options)
-        if once or receiver.welcomed:
+        if once or receiver.source_seen:
             for stream in leftovers:
                 stream.close()
             return report
-        log.warning("refused a connection before its handshake: %s", report.error)
+        log.warning("refused a connection before its HELLO: %s", report.error)
         backlog.extend(leftovers)
 
 

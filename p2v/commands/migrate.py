@@ -138,7 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "receive",
         help="receive a live migration (the destination side)",
         description="Wait for one `p2v migrate`, build the guest here, resume it, exit. "
-        "Connections refused before their handshake (garbage, another protocol version, a "
+        "Connections refused before their HELLO (garbage, another protocol version, a "
         "failed TLS handshake) are logged and the wait goes on, unless --once.",
     )
     where = r.add_mutually_exclusive_group(required=True)
@@ -163,7 +163,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--once",
         action="store_true",
-        help="end after the first connection, even one refused before its handshake "
+        help="end after the first connection, even one refused before its HELLO "
         "(default: log it and keep waiting for the migration)",
     )
     r.add_argument("--output", choices=("human", "json"), default="human")

@@ -20,10 +20,10 @@ import uuid
 
 import pytest
 
-from tests.external import need_tool, qemu_img, qemu_io
+from tests.external import HANG_SECONDS, need_tool, qemu_img, qemu_io
 
 KiB, MiB = 1 << 10, 1 << 20
-SECONDS = 20.0
+
 RSS_MIB = 300
 
 #: format, qemu-img size: the largest each format (and qemu-img 7.2) makes, except VDI
@@ -69,10 +69,10 @@ def measured(tmp_path, *args: str, timeout: float = 120) -> tuple[dict, str]:
 
 
 def bounded(tmp_path, *args: str) -> str:
-    """`p2v ARGS` succeeds in under SECONDS and RSS_MIB; returns its output."""
+    """`p2v ARGS` succeeds under RSS_MIB, and without hanging; returns its output."""
     m, text = measured(tmp_path, *args)
     assert m["rc"] == 0, text
-    assert m["seconds"] < SECONDS, (args, m)
+    assert m["seconds"] < HANG_SECONDS, (args, m)
     assert m["rss_mib"] < RSS_MIB, (args, m)
     return text
 
@@ -198,7 +198,7 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize("fmt, damage", HOSTILE, ids=[d.__name__.lstrip("_") for _, d in HOSTILE])
-def test_table_larger_than_the_file_is_refused_quickly_never_read_whole(tmp_path, fmt, damage):
+def test_table_larger_than_the_file_is_refused_never_read_whole(tmp_path, fmt, damage):
     need_tool("qemu-img", "qemu-io")
     path = str(tmp_path / f"hostile.{fmt}")
     qemu_img("create", "-q", "-f", fmt, path, "64M")
@@ -206,7 +206,7 @@ def test_table_larger_than_the_file_is_refused_quickly_never_read_whole(tmp_path
     # info, map and convert open the image alike; check opens it to report damage
     for command in ("map", "check"):
         m, text = measured(tmp_path, command, "-f", fmt, path)
-        assert m["seconds"] < 5 and m["rss_mib"] < RSS_MIB, (command, m)
+        assert m["seconds"] < HANG_SECONDS and m["rss_mib"] < RSS_MIB, (command, m)
         assert "Traceback" not in text, text
         if command == "check":
             # qemu-img's convention: 2 corrupt (or 1 when the image cannot be opened)

@@ -252,8 +252,12 @@ def test_throttle_slows_the_vcpu_and_restores_it(guest_image, work):
         tid = vcpu_threads(src.qmp)[0]
         with open(f"/proc/{tid}/cgroup") as f:
             cgroups_before = f.read()
-        # on a loaded machine the free share can be small: throttle hard enough (95 %)
-        # that the slowed share stays well under whatever the free one is
+        # on a loaded machine the free share can be small: the vCPU thread runs at a
+        # high priority (as root, which CI is), so that what it gets free does not hang on
+        # the other jobs, and the throttle is hard enough (95 %) that the slowed share
+        # stays well under whatever the free one is
+        if os.geteuid() == 0:
+            os.setpriority(os.PRIO_PROCESS, tid, -15)
         free = measure_cpu(tid, 0.8)
         assert free > 0.12, f"the spinning guest uses only {free:.2f} of a CPU"
         methods = ["duty-cycle"]

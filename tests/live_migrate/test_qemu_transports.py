@@ -106,6 +106,7 @@ def test_cli_migrates_a_qemu_guest_over_tls_to_a_verified_receiver(
                 good["ca"] + ".crt",
                 "--max-downtime",
                 "500",
+                "--auto-converge",  # a loaded machine may send slower than the guest writes
                 "--json",
                 mig_report,
             )
@@ -155,6 +156,7 @@ def test_cli_migrates_a_qemu_guest_over_ssh_to_a_receiver_it_starts(guest_image,
             pair.target,
             "--max-downtime",
             "500",
+            "--auto-converge",  # a loaded machine may send slower than the guest writes
             "--json",
             mig_report,
         )
