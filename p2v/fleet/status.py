@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-PENDING, RUNNING, DONE, FAILED, SKIPPED = "pending", "running", "done", "failed", "skipped"
+PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 
 
 class StatusError(Exception):
@@ -179,8 +179,6 @@ def server_state(steps: dict[str, str]) -> str:
     states = set(steps.values())
     if FAILED in states:
         return FAILED
-    if SKIPPED in states and states <= {DONE, SKIPPED}:
-        return SKIPPED if states == {SKIPPED} else DONE
     if states == {DONE}:
         return DONE
     if RUNNING in states or DONE in states:
@@ -205,7 +203,7 @@ def read_status(store: Store, pid: str) -> PlanStatus:
         for name in wave["servers"]:
             s = _server_status(store, pid, name, i)
             status.servers.append(s)
-            ws.done += s.state in (DONE, SKIPPED)
+            ws.done += s.state == DONE
             ws.failed += s.state == FAILED
             ws.running += s.state == RUNNING
         status.waves.append(ws)

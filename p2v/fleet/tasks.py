@@ -213,8 +213,8 @@ def _clone_with_retries(
 
 
 def _progress(store: Store, pid: str, name: str, lease: Lease):
-    """A clone progress factory that checks the lease before each write and records bytes
-    done in the status (completed disks plus the current one)."""
+    """A clone progress factory that checks the lease as each chunk completes and records
+    bytes done in the status (completed disks plus the current one)."""
     totals = {"base": 0, "started": 0.0, "last": 0.0}
 
     @contextlib.contextmanager
