@@ -245,6 +245,7 @@ def guest_image():
 def test_throttle_slows_the_vcpu_and_restores_it(guest_image, work):
     """Both methods cut the vCPU thread's CPU time; release puts everything back."""
     spec = guest_spec(guest_image, work, "spin", ram_mib=128, mem_mib=16, rate_mb=0, spin=True)
+    own_nice = os.getpriority(os.PRIO_PROCESS, 0)
     src = QemuSource.launch(spec, throttle="duty-cycle")
     try:
         log = SerialLog(spec.serial_log)
@@ -252,12 +253,15 @@ def test_throttle_slows_the_vcpu_and_restores_it(guest_image, work):
         tid = vcpu_threads(src.qmp)[0]
         with open(f"/proc/{tid}/cgroup") as f:
             cgroups_before = f.read()
-        # on a loaded machine the free share can be small: the vCPU thread runs at a
-        # high priority (as root, which CI is), so that what it gets free does not hang on
-        # the other jobs, and the throttle is hard enough (95 %) that the slowed share
-        # stays well under whatever the free one is
+        # on a loaded machine the free share can be small: QEMU's threads and this one
+        # (the duty cycle's thread inherits its priority) run at a high priority (as
+        # root, which CI is), so that neither the free share nor the throttle's timing
+        # hangs on the other jobs; the throttle is hard enough (95 %) that the slowed
+        # share stays well under whatever the free one is
         if os.geteuid() == 0:
-            os.setpriority(os.PRIO_PROCESS, tid, -15)
+            for task in os.listdir(f"/proc/{src.process.pid}/task"):
+                os.setpriority(os.PRIO_PROCESS, int(task), -15)
+            os.setpriority(os.PRIO_PROCESS, 0, -15)
         free = measure_cpu(tid, 0.8)
         assert free > 0.12, f"the spinning guest uses only {free:.2f} of a CPU"
         methods = ["duty-cycle"]
@@ -301,6 +305,8 @@ def test_throttle_slows_the_vcpu_and_restores_it(guest_image, work):
     finally:
         src.close()
         src.process.kill()
+        if os.geteuid() == 0:
+            os.setpriority(os.PRIO_PROCESS, 0, own_nice)  # this thread serves other tests
 
 
 def test_handoff_by_hand_then_failed_load_resumes_source(guest_image, work):
