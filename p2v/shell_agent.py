@@ -72,16 +72,23 @@ MAX_DUMP = 16 << 20
 RECV_SIZE = 1 << 20
 
 #: defined once in every shell. Arguments come quoted from the controller; every answer
-#: starts with a line naming its request, so a shell out of step is caught at once
+#: starts with a line naming its request, so a shell out of step is caught at once.
+#: p2v_z, the zero test: GNU cmp seeks to its SKIP; busybox's reads its way there (76 s
+#: to reach 3.9 GB of a disk), so there dd seeks and pipes the block into cmp
 PRELUDE = r"""
 p2v_uid() { while read -r k v rest; do if [ "$k" = Uid: ]; then echo "$v"; return; fi; done < /proc/self/status; }
 P2V_HASH=
 for t in sha256sum md5sum; do if command -v $t >/dev/null 2>&1; then P2V_HASH=$t; break; fi; done
 p2v_missing=
 for t in dd cmp od head; do command -v $t >/dev/null 2>&1 || p2v_missing="$p2v_missing $t"; done
+case "$(cmp --version 2>/dev/null)" in *GNU*) P2V_SEEK=1;; *) P2V_SEEK=;; esac
+p2v_z() {
+  if [ -n "$P2V_SEEK" ]; then cmp -s -n "$7" "$2" /dev/zero "$6" 0 2>/dev/null
+  else dd if="$2" bs="$5" skip="$3" count="$4" 2>/dev/null | cmp -s -n "$7" - /dev/zero; fi
+}
 p2v_r() {
   { :; } <"$2" 2>/dev/null || { printf 'X %s cannot open %s\n' "$1" "$2"; return; }
-  if cmp -s -n "$7" "$2" /dev/zero "$6" 0 2>/dev/null; then printf 'Z %s\n' "$1"; return; fi
+  if p2v_z "$@"; then printf 'Z %s\n' "$1"; return; fi
   printf 'D %s\n' "$1"
   if [ "$8" = 0 ]; then
     dd if="$2" bs="$5" skip="$3" count="$4" conv=noerror,sync 2>/dev/null; p2v_rc=$?
@@ -94,7 +101,7 @@ p2v_r() {
 }
 p2v_s() {
   { :; } <"$2" 2>/dev/null || { printf 'X %s cannot open %s\n' "$1" "$2"; return; }
-  if cmp -s -n "$7" "$2" /dev/zero "$6" 0 2>/dev/null; then printf 'S %s Z\n' "$1"; return; fi
+  if p2v_z "$@"; then printf 'S %s Z\n' "$1"; return; fi
   if [ "$8" = 0 ]; then p2v_h=$(dd if="$2" bs="$5" skip="$3" count="$4" 2>/dev/null | $P2V_HASH)
   else p2v_h=$(dd if="$2" bs="$5" skip="$3" count="$4" 2>/dev/null | head -c "$8" | $P2V_HASH); fi
   printf 'S %s %s\n' "$1" "${p2v_h%% *}"
@@ -239,6 +246,7 @@ class _Shell:
         self.pending: collections.deque[_Request] = collections.deque()
         self.lock = threading.Lock()  # the queue of pending requests
         self.send_lock = threading.Lock()  # the order of lines on the stream
+        self.dead = False  # the receiver has stopped: nothing queued here would be answered
         self.hello: list[str] = []
         self.thread = threading.Thread(
             target=self._receive, name=f"p2v-shell-{index}-rx", daemon=True
@@ -263,6 +271,8 @@ class _Shell:
         # the receiver takes only `lock`: a send blocked on a full channel never stops it
         with self.send_lock:
             with self.lock:
+                if self.dead:
+                    raise self.conn._failure or AgentLost(f"{self.conn.name}: shell ended")
                 self.pending.append(request)
             try:
                 self.stream.sendall(line.encode() + b"\n")
@@ -274,14 +284,16 @@ class _Shell:
         return len(self.pending)
 
     def _receive(self) -> None:
+        current: _Request | None = None  # taken off the queue, its answer being read
         try:
             while True:
                 line = self.reader.readline()
                 with self.lock:
                     if not self.pending:
                         raise AgentError(f"{self.conn.name}: unexpected answer {line[:80]!r}")
-                    request = self.pending.popleft()
-                self._answer(request, line)
+                    current = self.pending.popleft()
+                self._answer(current, line)
+                current = None
         except EOFError:
             reason = "agent stopped" if self.conn.closed else "connection to the server was lost"
             self.conn._fail(AgentLost(f"{self.conn.name}: {reason}{self.conn._diag(self)}"))
@@ -291,6 +303,16 @@ class _Shell:
             self.conn._fail(AgentLost(f"{self.conn.name}: connection lost: {exc}"))
         finally:
             self.conn.bytes_received_by[self.index] = self.reader.received
+            # the request whose answer the stream cut, and any queued after _fail took
+            # the queue (its send raced the end of the stream), fail here, not wait
+            with self.lock:
+                self.dead = True
+                left = [*([current] if current is not None else []), *self.pending]
+                self.pending.clear()
+            failure = self.conn._failure or AgentLost(f"{self.conn.name}: shell ended")
+            for request in left:
+                _settle(request.future, exc=failure)
+                _settle(request.caller, exc=failure)
 
     def _answer(self, request: _Request, line: bytes) -> None:
         fields = line.split(b" ", 2)
@@ -536,16 +558,29 @@ class ShellConnection:
             return req_id
 
     def _submit(
-        self, kind: str, words: list[Any], meta: dict[str, Any] | None = None, *, shell=None
+        self,
+        kind: str,
+        words: list[Any],
+        meta: dict[str, Any] | None = None,
+        *,
+        shell: _Shell | None = None,
+        globs: str = "",
     ) -> cf.Future:
-        req_id = self._new_id()
-        request = _Request(kind, req_id, cf.Future(), meta or {})
-        target = shell or min(self.shells, key=lambda s: s.load)
-        line = " ".join([words[0], str(req_id), *(shlex.quote(str(w)) for w in words[1:])])
+        """Queue a request on a shell (the least busy one unless named); its arguments are
+        quoted, `globs` goes as it is (our constants, for the shell to expand). Whatever
+        happens, the request's futures are settled: answered, or failed with the link."""
+        request = _Request(kind, 0, cf.Future(), meta or {})
         try:
+            request.req_id = self._new_id()
+            target = shell or min(self.shells, key=lambda s: s.load)
+            quoted = [shlex.quote(str(w)) for w in words[1:]]
+            line = " ".join([words[0], str(request.req_id), *quoted, globs]).rstrip()
             target.send(request, line)
         except AgentError as exc:
             self._fail(exc)
+            failure = self._failure or exc
+            _settle(request.future, exc=failure)
+            _settle(request.caller, exc=failure)
         return request.future
 
     def call(
@@ -574,14 +609,8 @@ class ShellConnection:
 
     def inventory(self, timeout: float | None = None) -> dict[str, Any]:
         # the paths go unquoted: they are our constants, and the shell expands their globs
-        req_id = self._new_id()
-        request = _Request("inventory", req_id, cf.Future())
-        shell = self.shells[0]
-        try:
-            shell.send(request, f"p2v_i {req_id} {INVENTORY_PATHS}")
-        except AgentError as exc:
-            self._fail(exc)
-        dump = request.future.result(timeout)
+        future = self._submit("inventory", ["p2v_i"], shell=self.shells[0], globs=INVENTORY_PATHS)
+        dump = future.result(timeout)
         host = DumpedHost(dump, self.hello.get("uid"))
         inv = agent_code.inventory(host)
         inv["agent"] = "shell"
