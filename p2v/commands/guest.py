@@ -115,7 +115,7 @@ def print_conversion(c: Conversion) -> None:
             print(f"guest: {w}")
         return
     print(f"guest converted for {c.platform} ({c.accelerator.upper()} appliance):")
-    print(f"  drivers: {', '.join(c.disk_drivers + c.nic_drivers)}")
+    print(f"  drivers: {', '.join(dict.fromkeys(c.disk_drivers + c.nic_drivers))}")
     print(f"  interfaces: {', '.join(n or '?' for n in c.interface_names) or 'none'}")
     for line in c.summary():
         print(f"  - {line}")
