@@ -133,9 +133,9 @@ def test_bandwidth_cap_is_respected(migrate_sim) -> None:
     check_completed(report, *rest)
     first = report.rounds[0]
     assert first.bytes_sent > 24e6
-    # a token bucket with a 20 ms burst: within a few percent of the cap (a loaded
-    # machine only stays further below it)
-    assert first.bandwidth < cap * 1.05
+    # the bucket may have saved one burst (100 ms of the cap) while the setup ran, a
+    # long time on a loaded machine; beyond that, never above the cap
+    assert first.bytes_sent <= cap * first.duration + RateLimiter(cap).burst
 
 
 @pytest.mark.parametrize("capped", [False, True], ids=["final-uncapped", "final-capped"])
@@ -159,10 +159,12 @@ def test_the_cap_is_lifted_while_the_guest_is_paused(
     check_completed(report, *rest)
     final = report.rounds[-1]
     assert final.bytes_sent > 200e3, "the final round carries hot pages"
-    assert report.rounds[0].bandwidth < cap * 1.05
+    burst = RateLimiter(cap).burst  # what the bucket may have saved before a round
+    first = report.rounds[0]
+    assert first.bytes_sent <= cap * first.duration + burst
     if capped:
         assert drawn[False] == 0
-        assert final.bandwidth < cap * 1.3  # within a 20 ms burst
+        assert final.bytes_sent <= cap * final.duration + burst
     else:
         # the final round's pages (and END's replies) went around the bucket
         assert drawn[False] >= final.bytes_sent * 0.9
