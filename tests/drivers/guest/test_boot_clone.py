@@ -49,7 +49,7 @@ def clone(srv, workdir: str) -> str:
     return out
 
 
-@pytest.mark.parametrize("name", ["a"])
+@pytest.mark.parametrize("name", ["a", "b"])
 def test_cloned_server_boots_on_its_kvm_definition(name, tmp_path):
     srv = fixtures.server(name)
     out = clone(srv, str(tmp_path))
