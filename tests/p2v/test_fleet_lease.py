@@ -31,13 +31,13 @@ workers = rig.workers
 def test_forced_race_has_exactly_one_winner(redis_server):
     contenders = 16
     barrier = threading.Barrier(contenders)
-    won: list[str] = []
+    won: list[Lease] = []
 
     def contend(i: int) -> None:
         lease = Lease(redis_server.client(), "p2v:lease:race", ttl=30, owner=f"c{i}")
         barrier.wait()
         if lease.acquire():
-            won.append(lease.owner)
+            won.append(lease)
 
     for _ in range(5):  # five rounds, each a fresh key
         redis_server.client().delete("p2v:lease:race", "p2v:lease:race:log")
@@ -48,6 +48,8 @@ def test_forced_race_has_exactly_one_winner(redis_server):
         for t in threads:
             t.join()
         assert len(won) == 1
+        # the winner's renewal thread stops here, not when the test's Redis is gone
+        won[0].release()
 
 
 def test_stalled_holder_loses_the_lease_and_stops_writing(redis_server):
