@@ -213,15 +213,19 @@ class AgentStartError(AgentError):
 
 def choose_agent(session: Session, *, python: str = "python3", mode: str = "auto") -> tuple:
     """(mode, interpreter, reason): the Python agent where a Python >= 2.6 exists, else
-    the shell mode (p2v/shell_agent.py). `python` other than the default is the only
-    interpreter tried; mode "python" or "shell" forces the choice."""
+    the shell mode (p2v/shell_agent.py). A `python` other than the default is used as
+    named, without a probe; mode "python" or "shell" forces the choice."""
     if mode not in MODES:
         raise ValueError(f"agent mode {mode!r}: expected one of {', '.join(MODES)}")
     if mode == "python":
         return "python", python, f"--agent python ({python})"
+    if mode == "auto" and python != "python3":
+        # named by the user: nothing to look for (and a sudo rule may allow only that
+        # interpreter, not the shell the probe needs)
+        return "python", python, f"--python {python}"
     if mode == "shell":
         return "shell", None, "--agent shell"
-    candidates = PYTHONS if python == "python3" else (python,)
+    candidates = PYTHONS
     argv = " ".join(shlex.quote(c) for c in candidates)
     res = session.run(f"sh -c {shlex.quote(PROBE)} p2v-probe {argv}", check=False, timeout=60)
     err = res.stderr.decode("utf-8", "replace").strip()
