@@ -112,7 +112,9 @@ def test_out_of_range_page_is_refused_at_once() -> None:
     report, states, paused, result = run_through_proxy(
         "sim:16M,workload=uniform,rate=5M", corrupt_page_number, max_bandwidth=30e6
     )
-    assert states == FAILED
+    # the destination refuses the batch at once; whether its ABORT reaches the source
+    # before the source's last round ends (STOPPING) depends on the machine's load
+    assert states in (FAILED, [*FAILED[:2], MigrationState.STOPPING, MigrationState.FAILED])
     assert "beyond the guest" in report.error and "destination aborted" in report.error
     assert report.source_running and not paused
     assert not result["completed"] and "beyond the guest" in result["error"]
