@@ -47,7 +47,9 @@ lint: python-deps
 	$(BIN)/vermin -t=2.6- -t=3.0- --no-tips --violations p2v/agent.py
 
 test: deps lint
-	$(BIN)/pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+	# worksteal: the guest tests take minutes each; an idle worker takes them over instead of
+	# waiting while the other runs out the queue it was dealt
+	$(BIN)/pytest -q -n 2 --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 demo: deps
 	$(BIN)/python samples/demo.py
