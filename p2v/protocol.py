@@ -209,6 +209,16 @@ def agent_command(source_length: int, *, python: str = "python3", sudo: bool = F
     return " ".join(shlex.quote(a) for a in argv)
 
 
+def diagnostics_suffix(stream: Any) -> str:
+    """What a failing stream can tell about why (the remote's stderr, its exit status), as
+    " (...)" to append to an error line, or "" when it says nothing."""
+    try:
+        text = stream.diagnostics()
+    except Exception:
+        return ""
+    return f" ({text})" if text else ""
+
+
 class _Receiver:
     """Whole frames from a stream, each byte copied at most once: what `recv` returns is
     kept and sliced, and only a frame spread over several of them is joined. (Joining
@@ -384,11 +394,7 @@ class AgentConnection:
         self._fail(AgentLost(f"{self.name}: {reason}{self._diag()}"))
 
     def _diag(self) -> str:
-        try:
-            text = self.stream.diagnostics()
-        except Exception:
-            return ""
-        return f" ({text})" if text else ""
+        return diagnostics_suffix(self.stream)
 
     def _fail(self, exc: AgentError) -> None:
         with self._lock:

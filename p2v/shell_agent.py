@@ -748,11 +748,7 @@ class ShellConnection:
 
     # -- failure and shutdown ------------------------------------------------------
     def _diag(self, shell: _Shell) -> str:
-        try:
-            text = shell.stream.diagnostics()
-        except Exception:
-            return ""
-        return f" ({text})" if text else ""
+        return protocol.diagnostics_suffix(shell.stream)
 
     def _fail(self, exc: AgentError) -> None:
         with self._lock:
