@@ -90,15 +90,15 @@ def _check_password(job: ServerJob) -> None:
         )
 
 
-# max_retries=None: a task that meets another's lease waits for as long as that one runs
-@app.task(
-    bind=True,
-    name="p2v.clone",
-    acks_late=True,
-    reject_on_worker_lost=True,
-    max_retries=None,
-    throws=(StepFailed,),  # an expected failure: logged in one line, not as a traceback
+#: every step's task: acknowledged late and returned to the queue when its worker dies;
+#: max_retries=None: a task that meets another's lease waits for as long as that one runs;
+#: StepFailed is an expected failure, logged in one line rather than as a traceback
+STEP_TASK = dict(
+    bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None, throws=(StepFailed,)
 )
+
+
+@app.task(name="p2v.clone", **STEP_TASK)
 def clone_server(
     self, pid: str, server: dict[str, Any], shared: bool = True, not_after: float | None = None
 ) -> dict[str, Any]:
@@ -106,14 +106,7 @@ def clone_server(
     return _run_step(self, pid, server, "clone", shared, not_after)
 
 
-@app.task(
-    bind=True,
-    name="p2v.cutover",
-    acks_late=True,
-    reject_on_worker_lost=True,
-    max_retries=None,
-    throws=(StepFailed,),  # an expected failure: logged in one line, not as a traceback
-)
+@app.task(name="p2v.cutover", **STEP_TASK)
 def cutover_step(
     self, pid: str, server: dict[str, Any], step: str, shared: bool = True
 ) -> dict[str, Any]:
