@@ -14,19 +14,17 @@ ROOT/disks (the server sees /disks/NAME). Clients reach sshd from inside the nam
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tests.external import need_root, need_tool
+from tests.netns import in_netns
 from tests.p2v.sshd import Sshd, start_sshd
 
 BUSYBOX = "/bin/busybox"
-CLONE_NEWNET = 0x40000000
 #: the veth pair's MACs: what the no-Python inventory must report
 MACS = {"p2vbb0": "02:00:00:00:bb:01", "p2vbb1": "02:00:00:00:bb:02"}
 #: sets up the chroot's mounts in sshd's own mount namespace, then becomes sshd
@@ -67,25 +65,6 @@ class BusyboxServer:
 
     def cli_prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.netns]
-
-
-@contextlib.contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """This thread in network namespace `name`: sockets it creates stay there."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    home = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
-    there = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(there, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {name}")
-        try:
-            yield
-        finally:
-            if libc.setns(home, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back home")
-    finally:
-        os.close(home)
-        os.close(there)
 
 
 def _run(*argv: str) -> None:

@@ -14,20 +14,19 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 
 from live_migrate.qemu_launcher import QemuSpec, wait_for_line
 from tests.external import need_tool, unavailable
+from tests.netns import in_netns
 
 from .build_guest import GuestBuildError, GuestImage, build
 
@@ -279,21 +278,8 @@ class Hosts:
         if not self.isolated:
             yield
             return
-        libc = ctypes.CDLL(None, use_errno=True)
-        clone_newnet = 0x40000000
-        home = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
-        there = os.open(f"/run/netns/{self.namespaces[0]}", os.O_RDONLY)
-        try:
-            if libc.setns(there, clone_newnet) != 0:
-                raise OSError(ctypes.get_errno(), "setns into the source namespace")
-            try:
-                yield
-            finally:
-                if libc.setns(home, clone_newnet) != 0:
-                    raise OSError(ctypes.get_errno(), "setns back home")
-        finally:
-            os.close(home)
-            os.close(there)
+        with in_netns(self.namespaces[0]):
+            yield
 
     def close(self) -> None:
         for ns in self.namespaces:
