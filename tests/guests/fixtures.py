@@ -7,9 +7,7 @@ import glob
 import json
 import os
 
-import pytest
-
-from tests.external import IN_CI, need_root, need_tool
+from tests.external import need_root, need_tool, unavailable
 from tests.guests import boot, servers
 
 #: a full Debian boot under TCG on a loaded 2-core machine takes minutes, never 15
@@ -22,16 +20,12 @@ def server(name: str) -> servers.Server:
     need_tool("mmdebstrap", "qemu-system-x86_64", "qemu-img", "virsh")
     missing = servers.missing_tools()
     if missing:
-        msg = f"missing for the test servers: {', '.join(missing)} (make test installs them)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+        unavailable(f"missing for the test servers: {', '.join(missing)} (make test installs them)")
     if not os.path.exists("/boot") or not any(n.startswith("vmlinuz") for n in os.listdir("/boot")):
         # supermin builds the libguestfs appliance from the host's kernel
-        msg = "no kernel in /boot for the libguestfs appliance (Debian package linux-image-amd64)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+        unavailable(
+            "no kernel in /boot for the libguestfs appliance (Debian package linux-image-amd64)"
+        )
     return servers.build(name)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from p2v import clone as cloning
 from p2v.shell_agent import UNIT, dd_geometry
-from tests.external import need_tool, qemu_img, run
+from tests.external import need_tool, qemu_img, run, unavailable
 from tests.p2v.busybox_server import MACS, busybox_server
 from tests.p2v.conftest import connect_options
 from tests.p2v.test_clone import _cutting_progress
@@ -196,7 +196,7 @@ def test_inventory_without_python_lists_cpus_memory_nics_and_disks(server, disk)
 
 def test_clone_of_a_loop_device_without_python(server, loop_disk, tmp_path):
     if loop_disk is None:
-        pytest.skip("no loop device here")  # CI's machine has them
+        unavailable("no loop device here")
     dev, path, _ = loop_disk
     res = _clone(server, str(tmp_path / "out"), out_format="raw", disks=[dev])
     (d,) = res.disks
